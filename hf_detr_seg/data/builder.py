@@ -1,0 +1,315 @@
+"""The parallel, atomic build of a COCO-panoptic dataset folder from images and masks.
+
+Everything is written into a temporary folder beside OUT and moved into place only when complete, so a
+failed build never leaves a half-written dataset and never damages an existing one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..labels import LabelMap
+from .instances import segments_from_class_map
+from .masks import VOID, MaskSource, read_class_map, read_image
+from .panoptic import (
+    SPLITS,
+    annotation_folder,
+    annotation_json,
+    image_folder,
+    write_json,
+    write_panoptic_png,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its mask source, assigned to a split."""
+
+    stem: str
+    image: Path
+    mask: MaskSource
+    split: str = "train"
+
+
+@dataclass
+class ImageResult:
+    """What one worker produced for one image (picklable, small)."""
+
+    image: dict
+    annotation: dict
+    instances: Counter
+    pixels: Counter
+    dropped_specks: int
+    dropped_pixels: int
+    overlap_pixels: int
+    void_pixels: int
+
+
+@dataclass
+class BuildSummary:
+    """Totals printed at the end of a build."""
+
+    out: Path
+    images: Counter = field(default_factory=Counter)  # per split
+    instances: Counter = field(default_factory=Counter)  # per class name
+    pixels: Counter = field(default_factory=Counter)  # per class name
+    dropped_specks: int = 0
+    dropped_pixels: int = 0
+    overlap_pixels: int = 0
+    void_pixels: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, split: str, result: ImageResult) -> None:
+        self.images[split] += 1
+        self.instances.update(result.instances)
+        self.pixels.update(result.pixels)
+        self.dropped_specks += result.dropped_specks
+        self.dropped_pixels += result.dropped_pixels
+        self.overlap_pixels += result.overlap_pixels
+        self.void_pixels += result.void_pixels
+
+    def format(self, label_map: LabelMap) -> str:
+        lines = [
+            f"Built {sum(self.images.values())} images "
+            f"(train {self.images['train']}, val {self.images['val']}) into {self.out}",
+            f"{'class':<20} {'kind':<6} {'segments':>10} {'pixels':>12}",
+        ]
+        for info in label_map.user_classes:
+            kind = "thing" if info.isthing else "stuff"
+            lines.append(
+                f"{info.name:<20} {kind:<6} {self.instances[info.name]:>10} {self.pixels[info.name]:>12}"
+            )
+        lines.append(f"dropped specks (min_area): {self.dropped_specks} ({self.dropped_pixels} pixels, now void)")
+        lines.append(f"void pixels in total: {self.void_pixels}")
+        if label_map.mask_format == "per_class_dirs":
+            lines.append(f"overlapping pixels (first listed class kept): {self.overlap_pixels}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s):")
+            lines.extend(f"  {reason}" for reason in self.skipped)
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- discovery
+def _files_by_stem(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in found:
+            raise DataError(f"{folder}: two {what} files share the name {path.stem!r} ({found[path.stem].name}, {path.name})")
+        found[path.stem] = path
+    return found
+
+
+def find_samples(images_dir: Path, masks_dir: Path, label_map: LabelMap) -> tuple[list[Sample], list[str]]:
+    """Pair images with masks by file stem; return (samples, problems) where problems are unpaired files."""
+    images = _files_by_stem(Path(images_dir), "image")
+    problems: list[str] = []
+    masks: dict[str, MaskSource]
+    if label_map.mask_format == "per_class_dirs":
+        if not Path(masks_dir).is_dir():
+            raise DataError(f"{masks_dir}: mask folder not found")
+        masks = {}
+        known = {c.name for c in label_map.user_classes if not c.background}
+        for class_dir in sorted(p for p in Path(masks_dir).iterdir() if p.is_dir()):
+            if class_dir.name not in known:
+                problems.append(f"{class_dir}: folder of an unknown class (label map classes: {sorted(known)})")
+                continue
+            for stem, path in _files_by_stem(class_dir, "mask").items():
+                masks.setdefault(stem, {})[class_dir.name] = path
+    else:
+        masks = dict(_files_by_stem(Path(masks_dir), "mask"))
+    for stem in sorted(set(masks) - set(images)):
+        where = masks[stem] if isinstance(masks[stem], Path) else next(iter(masks[stem].values()))
+        problems.append(f"{where}: mask without an image (no {stem}.* in {images_dir})")
+    samples = []
+    for stem, image in images.items():
+        if stem not in masks:
+            problems.append(f"{image}: image without a mask (no {stem}.* in {masks_dir})")
+            continue
+        samples.append(Sample(stem, image, masks[stem]))
+    return samples, problems
+
+
+def assign_splits(samples: list[Sample], val_fraction: float, seed: int) -> list[Sample]:
+    """Deterministic split: shuffle the stems (sorted first) with `seed`, the first fraction is val."""
+    if not 0.0 <= val_fraction <= 1.0:
+        raise DataError(f"--val-fraction: expected a number in [0, 1], got {val_fraction}")
+    ordered = sorted(samples, key=lambda s: s.stem)
+    shuffled = ordered[:]
+    random.Random(seed).shuffle(shuffled)
+    num_val = int(round(len(ordered) * val_fraction))
+    val_stems = {s.stem for s in shuffled[:num_val]}
+    return [Sample(s.stem, s.image, s.mask, "val" if s.stem in val_stems else "train") for s in ordered]
+
+
+# ------------------------------------------------------------------------- one image
+def _copy_image(source: Path, target: Path) -> Image.Image:
+    """Copy the image file as is, or re-save it upright when EXIF says it is rotated."""
+    image = read_image(source)
+    with Image.open(source) as raw:
+        orientation = raw.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation in (None, 1):
+        shutil.copyfile(source, target)
+    else:
+        image.save(target, quality=95) if target.suffix.lower() in {".jpg", ".jpeg"} else image.save(target)
+    return image
+
+
+def process_sample(sample: Sample, label_map: LabelMap, root: Path) -> ImageResult:
+    """Read one image and its mask(s), write the image copy and the panoptic PNG, return its records."""
+    image = _copy_image(sample.image, image_folder(root, sample.split) / sample.image.name)
+    class_map = read_class_map(sample.mask, label_map, image.size, sample.image)
+    panoptic = segments_from_class_map(class_map.indices, label_map)
+    png_name = f"{sample.stem}.png"
+    write_panoptic_png(annotation_folder(root, sample.split) / png_name, panoptic.id_map)
+    names = label_map.names
+    instances = Counter()
+    pixels = Counter()
+    for seg in panoptic.segments:
+        pixels[names[seg.class_index]] += seg.area
+        instances[names[seg.class_index]] += 1
+    return ImageResult(
+        image={"file_name": sample.image.name, "width": image.width, "height": image.height},
+        annotation={"file_name": png_name, "segments_info": [s.to_coco(label_map) for s in panoptic.segments]},
+        instances=instances,
+        pixels=pixels,
+        dropped_specks=panoptic.dropped_specks,
+        dropped_pixels=panoptic.dropped_pixels,
+        overlap_pixels=class_map.overlap_pixels,
+        void_pixels=int(np.count_nonzero(panoptic.id_map == 0)),
+    )
+
+
+def _process_or_error(args: tuple[Sample, LabelMap, Path]) -> ImageResult | str:
+    """Worker entry point: errors travel back as their message so `--skip-bad` can list them."""
+    try:
+        return process_sample(*args)
+    except DataError as err:
+        return str(err)
+
+
+# ------------------------------------------------------------------------- the build
+def _prepare_target(out: Path) -> None:
+    """Refuse to replace a folder that is not a dataset we built (it could be anything of the user's)."""
+    if out.exists() and any(out.iterdir()) and not (out / "labels.yaml").is_file():
+        raise DataError(f"{out}: exists and is not a dataset built by hf-detr-seg; choose another --out")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Move the finished build to OUT; an old dataset there is removed only after the move succeeded."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_dataset(
+    images: str | Path,
+    masks: str | Path,
+    labels: str | Path | LabelMap,
+    out: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    workers: int = 1,
+    skip_bad: bool = False,
+    val_images: str | Path | None = None,
+    val_masks: str | Path | None = None,
+    progress: bool = True,
+) -> BuildSummary:
+    """Build OUT from images + masks with the label map; see the module docstring for the guarantees."""
+    label_map = labels if isinstance(labels, LabelMap) else LabelMap.from_yaml(labels)
+    out = Path(out).resolve()
+    _prepare_target(out)
+    samples, problems = find_samples(Path(images), Path(masks), label_map)
+    if (val_images is None) != (val_masks is None):
+        raise DataError("--val-images and --val-masks must be given together")
+    if val_images is not None:
+        val_samples, val_problems = find_samples(Path(val_images), Path(val_masks), label_map)
+        problems += val_problems
+        samples = [Sample(s.stem, s.image, s.mask, "train") for s in samples]
+        clash = {s.stem for s in samples} & {s.stem for s in val_samples}
+        if clash:
+            raise DataError(f"{val_images}: file name(s) {sorted(clash)[:5]} are also in {images}")
+        samples += [Sample(s.stem, s.image, s.mask, "val") for s in val_samples]
+    else:
+        samples = assign_splits(samples, val_fraction, seed)
+    if problems and not skip_bad:
+        raise DataError("\n".join(problems[:20]) + ("\n(use --skip-bad to build the rest)" if samples else ""))
+    if not samples:
+        raise DataError(f"{images}: no image/mask pairs found (image types: {sorted(IMAGE_SUFFIXES)})")
+
+    summary = BuildSummary(out=out, skipped=list(problems))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for split in SPLITS:
+            image_folder(tmp, split).mkdir(parents=True)
+            annotation_folder(tmp, split).mkdir(parents=True)
+        results = _run_workers([(s, label_map, tmp) for s in samples], workers, progress)
+        records: dict[str, dict[str, list]] = {s: {"images": [], "annotations": []} for s in SPLITS}
+        for sample, result in zip(samples, results):
+            if isinstance(result, str):
+                if not skip_bad:
+                    raise DataError(result)
+                summary.skipped.append(result)
+                continue
+            split_records = records[sample.split]
+            image_id = len(split_records["images"]) + 1
+            split_records["images"].append({"id": image_id, **result.image})
+            split_records["annotations"].append({"image_id": image_id, **result.annotation})
+            summary.add(sample.split, result)
+        if not sum(summary.images.values()):
+            raise DataError(f"{images}: every image failed; nothing to build")
+        for split in SPLITS:
+            write_json(
+                annotation_json(tmp, split),
+                {**records[split], "categories": label_map.coco_categories()},
+            )
+        label_map.save_yaml(tmp / "labels.yaml")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _run_workers(jobs: list[tuple], workers: int, progress: bool) -> list[ImageResult | str]:
+    """Process jobs in order, in `workers` processes (in this process when workers <= 1)."""
+    bar = tqdm(total=len(jobs), desc="build-dataset", unit="img", disable=not progress)
+    try:
+        if workers <= 1:
+            results = []
+            for job in jobs:
+                results.append(_process_or_error(job))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            chunk = max(1, min(16, len(jobs) // (workers * 4)))
+            results = []
+            for result in pool.map(_process_or_error, jobs, chunksize=chunk):
+                results.append(result)
+                bar.update()
+            return results
+    finally:
+        bar.close()

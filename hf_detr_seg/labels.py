@@ -1,0 +1,413 @@
+"""The label map: which classes exist, how they appear in masks, and their ids.
+
+One `LabelMap` is read from the user's `labels.yaml`, resolved once by the dataset builder (final category
+ids written to `OUT/labels.yaml`) and from there copied into the model config. Every later step reads it from
+the artefact in front of it.
+
+Two id spaces exist and this module is the only place that converts between them:
+- model class index: contiguous 0..K-1 in label-map order (`config.id2label`);
+- dataset category id (COCO panoptic `category_id`): 1..K in the same order, or, with `coco_base`, COCO's 133
+  panoptic categories keep their COCO ids and the new classes get ids from 201 up, above every COCO id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserInputError
+
+MASK_FORMATS = ("binary", "indexed", "color", "per_class_dirs")
+FIRST_NEW_COCO_ID = 201
+_TOP_KEYS = {
+    "mask_format",
+    "binary_threshold",
+    "classes",
+    "instances",
+    "ignore",
+    "ignore_colors",
+    "color_tolerance",
+    "coco_base",
+}
+_CLASS_KEYS = {"name", "isthing", "background", "value", "color", "category_id", "supercategory"}
+_INSTANCE_KEYS = {"connectivity", "min_area", "merge_distance"}
+# Colours given to classes without one, for overlays and the COCO `categories` table.
+_PALETTE = [
+    (220, 20, 60), (255, 140, 0), (30, 144, 255), (154, 205, 50), (186, 85, 211),
+    (0, 206, 209), (255, 215, 0), (139, 69, 19), (255, 105, 180), (70, 130, 180),
+]
+_BACKGROUND_COLOR = (128, 128, 128)
+
+
+class LabelMapError(UserInputError):
+    """A label map that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its name, thing/stuff, how it is written in masks, its dataset category id."""
+
+    name: str
+    isthing: bool
+    category_id: int
+    color: tuple[int, int, int]
+    background: bool = False
+    value: int | None = None  # indexed masks: the pixel value of this class
+    supercategory: str = "defect"
+    from_coco: bool = False  # one of COCO's 133 categories kept by `coco_base`
+
+
+@dataclass(frozen=True)
+class InstanceRules:
+    """How thing-class pixels are split into instances (see `data.instances`)."""
+
+    connectivity: int = 8
+    min_area: int = 0
+    merge_distance: float = 0.0
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Classes in model-index order plus the rules for reading masks of one dataset."""
+
+    classes: tuple[ClassInfo, ...]
+    mask_format: str = "binary"
+    binary_threshold: int = 127
+    instances: InstanceRules = field(default_factory=InstanceRules)
+    ignore: tuple[int, ...] = ()
+    ignore_colors: tuple[tuple[int, int, int], ...] = ()
+    color_tolerance: float = 30.0
+    coco_base: bool = False
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "LabelMap":
+        """Read and validate a `labels.yaml`; errors name the file and the field."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise LabelMapError(f"{path}: label map file not found") from None
+        except yaml.YAMLError as err:
+            raise LabelMapError(f"{path}: not valid YAML ({err})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "labels") -> "LabelMap":
+        """Validate a parsed label map and resolve category ids and colours."""
+
+        def fail(message: str) -> LabelMapError:
+            return LabelMapError(f"{source}: {message}")
+
+        if not isinstance(data, dict):
+            raise fail("expected a mapping with `classes:` at the top level")
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise fail(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        mask_format = data.get("mask_format", "binary")
+        if mask_format not in MASK_FORMATS:
+            raise fail(f"mask_format: {mask_format!r} is not one of {list(MASK_FORMATS)}")
+        raw_classes = data.get("classes")
+        if not isinstance(raw_classes, list) or not raw_classes:
+            raise fail("classes: expected a non-empty list of {name, isthing, ...}")
+        coco_base = _as_bool(data.get("coco_base", False), "coco_base", fail)
+
+        user_classes = [
+            _parse_class(i, raw, mask_format, fail) for i, raw in enumerate(raw_classes)
+        ]
+        _check_unique(user_classes, fail)
+        backgrounds = [c["name"] for c in user_classes if c["background"]]
+        if len(backgrounds) > 1:
+            raise fail(f"classes: only one class may be `background: true`, got {backgrounds}")
+        if any(c["background"] and c["isthing"] for c in user_classes):
+            raise fail("classes: the background class must be stuff (`isthing: false`)")
+        if mask_format == "binary":
+            defects = [c["name"] for c in user_classes if not c["background"]]
+            if len(defects) != 1:
+                raise fail(
+                    "mask_format binary: exactly one non-background class is allowed, got "
+                    f"{defects}; use indexed, color or per_class_dirs masks for several classes"
+                )
+
+        classes = _resolve_ids(user_classes, coco_base, fail)
+        instances = _parse_instances(data.get("instances", {}), fail)
+        threshold = data.get("binary_threshold", 127)
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise fail(f"binary_threshold: expected a non-negative integer, got {threshold!r}")
+        ignore = data.get("ignore", [])
+        if not isinstance(ignore, list) or not all(_is_int(v) for v in ignore):
+            raise fail(f"ignore: expected a list of integer mask values, got {ignore!r}")
+        overlap = set(ignore) & {c.value for c in classes if c.value is not None}
+        if overlap:
+            raise fail(f"ignore: value(s) {sorted(overlap)} are also class values")
+        ignore_colors = data.get("ignore_colors", [])
+        if not isinstance(ignore_colors, list):
+            raise fail(f"ignore_colors: expected a list of [r, g, b], got {ignore_colors!r}")
+        parsed_ignore_colors = tuple(_parse_color(c, "ignore_colors", fail) for c in ignore_colors)
+        tolerance = data.get("color_tolerance", 30.0)
+        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
+            raise fail(f"color_tolerance: expected a non-negative number, got {tolerance!r}")
+        return cls(
+            classes=tuple(classes),
+            mask_format=mask_format,
+            binary_threshold=threshold,
+            instances=instances,
+            ignore=tuple(ignore),
+            ignore_colors=parsed_ignore_colors,
+            color_tolerance=float(tolerance),
+            coco_base=coco_base,
+        )
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved label map (final category ids, colours), as written to `OUT/labels.yaml`.
+
+        COCO's own categories are not listed: `coco_base: true` brings them back on reading.
+        """
+        classes = []
+        for c in self.user_classes:
+            entry: dict[str, Any] = {"name": c.name, "isthing": c.isthing}
+            if c.background:
+                entry["background"] = True
+            if c.value is not None:
+                entry["value"] = c.value
+            entry["color"] = list(c.color)
+            entry["category_id"] = c.category_id
+            if c.supercategory != "defect":
+                entry["supercategory"] = c.supercategory
+            classes.append(entry)
+        out: dict[str, Any] = {"mask_format": self.mask_format}
+        if self.mask_format in ("binary", "per_class_dirs"):
+            out["binary_threshold"] = self.binary_threshold
+        out["classes"] = classes
+        out["instances"] = {
+            "connectivity": self.instances.connectivity,
+            "min_area": self.instances.min_area,
+            "merge_distance": self.instances.merge_distance,
+        }
+        if self.ignore:
+            out["ignore"] = list(self.ignore)
+        if self.ignore_colors:
+            out["ignore_colors"] = [list(c) for c in self.ignore_colors]
+        if self.mask_format == "color":
+            out["color_tolerance"] = self.color_tolerance
+        if self.coco_base:
+            out["coco_base"] = True
+        return out
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
+
+    # ----------------------------------------------------------------- views
+    @property
+    def user_classes(self) -> tuple[ClassInfo, ...]:
+        """The classes the user listed (without COCO's kept categories)."""
+        return tuple(c for c in self.classes if not c.from_coco)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {i: c.name for i, c in enumerate(self.classes)}
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {c.name: i for i, c in enumerate(self.classes)}
+
+    @property
+    def background_index(self) -> int | None:
+        """Model index of the background stuff class, if there is one."""
+        return next((i for i, c in enumerate(self.classes) if c.background), None)
+
+    def index_of(self, name: str) -> int:
+        try:
+            return self.label2id[name]
+        except KeyError:
+            raise LabelMapError(f"unknown class {name!r}; classes are {self.names}") from None
+
+    def category_id(self, index: int) -> int:
+        """Dataset category id of model class `index`."""
+        return self.classes[index].category_id
+
+    def index_of_category(self, category_id: int) -> int:
+        """Model class index of a dataset category id."""
+        try:
+            return self._category_to_index[category_id]
+        except KeyError:
+            raise LabelMapError(f"unknown category_id {category_id}") from None
+
+    @property
+    def _category_to_index(self) -> dict[int, int]:
+        return {c.category_id: i for i, c in enumerate(self.classes)}
+
+    def coco_categories(self) -> list[dict[str, Any]]:
+        """The COCO-panoptic `categories` table, in model-index order."""
+        return [
+            {
+                "id": c.category_id,
+                "name": c.name,
+                "supercategory": c.supercategory,
+                "isthing": int(c.isthing),
+                "color": list(c.color),
+            }
+            for c in self.classes
+        ]
+
+
+# --------------------------------------------------------------------- helpers
+def load_coco_panoptic_categories() -> list[dict[str, Any]]:
+    """COCO's 133 panoptic categories (ids, names, isthing, colours), shipped so `coco_base` works offline."""
+    text = resources.files("hf_detr_seg").joinpath("coco_panoptic_categories.json").read_text()
+    return json.loads(text)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_bool(value: Any, field_name: str, fail) -> bool:
+    if not isinstance(value, bool):
+        raise fail(f"{field_name}: expected true or false, got {value!r}")
+    return value
+
+
+def _parse_color(value: Any, field_name: str, fail) -> tuple[int, int, int]:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(_is_int(v) and 0 <= v <= 255 for v in value)
+    ):
+        raise fail(f"{field_name}: expected [r, g, b] with integers 0..255, got {value!r}")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _parse_class(position: int, raw: Any, mask_format: str, fail) -> dict[str, Any]:
+    where = f"classes[{position}]"
+    if not isinstance(raw, dict):
+        raise fail(f"{where}: expected a mapping like {{name: crack, isthing: true}}, got {raw!r}")
+    unknown = set(raw) - _CLASS_KEYS
+    if unknown:
+        raise fail(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_CLASS_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise fail(f"{where}.name: expected a non-empty string, got {name!r}")
+    if "isthing" not in raw:
+        raise fail(f"{where} ({name}): `isthing` is required (true for countable defects, false for stuff)")
+    isthing = _as_bool(raw["isthing"], f"{where}.isthing", fail)
+    background = _as_bool(raw.get("background", False), f"{where}.background", fail)
+    value = raw.get("value")
+    if value is not None and not (_is_int(value) and value >= 0):
+        raise fail(f"{where} ({name}).value: expected a non-negative integer, got {value!r}")
+    if mask_format == "indexed" and value is None:
+        if not background:
+            raise fail(f"{where} ({name}): indexed masks need `value:` (the pixel value of this class)")
+        value = 0
+    color = raw.get("color")
+    if color is not None:
+        color = _parse_color(color, f"{where} ({name}).color", fail)
+    if mask_format == "color" and color is None:
+        if not background:
+            raise fail(f"{where} ({name}): color masks need `color: [r, g, b]`")
+        color = (0, 0, 0)
+    category_id = raw.get("category_id")
+    if category_id is not None and not (_is_int(category_id) and category_id > 0):
+        raise fail(f"{where} ({name}).category_id: expected a positive integer, got {category_id!r}")
+    supercategory = raw.get("supercategory", "background" if background else "defect")
+    return {
+        "name": name,
+        "isthing": isthing,
+        "background": background,
+        "value": value if mask_format == "indexed" else None,
+        "color": color,
+        "mask_color": mask_format == "color",
+        "category_id": category_id,
+        "supercategory": str(supercategory),
+    }
+
+
+def _check_unique(classes: list[dict[str, Any]], fail) -> None:
+    for key, label in (("name", "name"), ("value", "value"), ("color", "color")):
+        if key == "color" and not (classes and classes[0]["mask_color"]):
+            continue  # colours only have to differ where they encode the mask
+        seen: dict[Any, str] = {}
+        for c in classes:
+            v = c[key]
+            if v is None:
+                continue
+            if v in seen:
+                raise fail(f"classes: duplicate {label} {v!r} ({seen[v]!r} and {c['name']!r})")
+            seen[v] = c["name"]
+
+
+def _resolve_ids(user: list[dict[str, Any]], coco_base: bool, fail) -> list[ClassInfo]:
+    """Give every class its dataset category id and a display colour."""
+    classes: list[ClassInfo] = []
+    if coco_base:
+        coco = load_coco_panoptic_categories()
+        coco_names = {c["name"] for c in coco}
+        clash = [c["name"] for c in user if c["name"] in coco_names]
+        if clash:
+            raise fail(f"classes: {clash} already exist among COCO's categories kept by coco_base")
+        classes = [
+            ClassInfo(
+                name=c["name"],
+                isthing=bool(c["isthing"]),
+                category_id=int(c["id"]),
+                color=tuple(c["color"]),
+                supercategory=c["supercategory"],
+                from_coco=True,
+            )
+            for c in coco
+        ]
+    first_id = FIRST_NEW_COCO_ID if coco_base else 1
+    for position, c in enumerate(user):
+        expected = first_id + position
+        if c["category_id"] is not None and c["category_id"] != expected:
+            raise fail(
+                f"classes[{position}] ({c['name']}).category_id: {c['category_id']} disagrees with its "
+                f"position (expected {expected}); ids follow the order of `classes`"
+            )
+        color = c["color"] or (
+            _BACKGROUND_COLOR if c["background"] else _PALETTE[position % len(_PALETTE)]
+        )
+        classes.append(
+            ClassInfo(
+                name=c["name"],
+                isthing=c["isthing"],
+                category_id=expected,
+                color=color,
+                background=c["background"],
+                value=c["value"],
+                supercategory=c["supercategory"],
+            )
+        )
+    return classes
+
+
+def _parse_instances(raw: Any, fail) -> InstanceRules:
+    if not isinstance(raw, dict):
+        raise fail(f"instances: expected a mapping, got {raw!r}")
+    unknown = set(raw) - _INSTANCE_KEYS
+    if unknown:
+        raise fail(f"instances: unknown key(s) {sorted(unknown)}; allowed: {sorted(_INSTANCE_KEYS)}")
+    connectivity = raw.get("connectivity", 8)
+    if connectivity not in (4, 8):
+        raise fail(f"instances.connectivity: expected 4 or 8, got {connectivity!r}")
+    min_area = raw.get("min_area", 0)
+    if not _is_int(min_area) or min_area < 0:
+        raise fail(f"instances.min_area: expected a non-negative integer, got {min_area!r}")
+    merge = raw.get("merge_distance", 0)
+    if not isinstance(merge, (int, float)) or isinstance(merge, bool) or merge < 0:
+        raise fail(f"instances.merge_distance: expected a non-negative number, got {merge!r}")
+    return InstanceRules(connectivity=connectivity, min_area=min_area, merge_distance=float(merge))

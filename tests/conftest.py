@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests never touch the network: the Hub is offline for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEEPCRACK_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "deepcrack-sample"
+
+
+@pytest.fixture(scope="session")
+def deepcrack_sample() -> Path:
+    """The real 160-image crack sample beside the checkout (required: the data path is tested on it)."""
+    assert (DEEPCRACK_SAMPLE / "train" / "images").is_dir(), f"missing {DEEPCRACK_SAMPLE}"
+    return DEEPCRACK_SAMPLE
+
+
+def save_rgb(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path, **kwargs)
+    return path
+
+
+def save_mask(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import timm
@@ -92,6 +93,7 @@ def build_model(
     model_name_or_path: str | None = None,
     preset: str = "tiny",
     backbone_checkpoint: str | None = None,
+    preset_overrides: Mapping[str, Any] | None = None,
 ) -> DetrForSegmentation:
     """A `DetrForSegmentation` whose classes are `label_map`'s, with the stem and layer1 frozen.
 
@@ -99,9 +101,10 @@ def build_model(
     backbone: `backbone_checkpoint` (a local timm file) if given, else timm's ImageNet weights if they are in a
     local cache, else random. With `model_name_or_path` (a Hub id or a `save_pretrained` folder) the checkpoint
     is loaded and its class head moved onto `label_map` by class name (`transfer_class_head`).
+    `preset_overrides` replaces preset fields, e.g. `num_queries` or `out_indices` (the backbone levels).
     """
     if model_name_or_path is None:
-        model = _build_from_preset(label_map, preset, backbone_checkpoint)
+        model = _build_from_preset(label_map, preset, backbone_checkpoint, preset_overrides or {})
     else:
         if backbone_checkpoint is not None:
             raise UserInputError(
@@ -117,19 +120,24 @@ def build_model(
     return model
 
 
-def _build_from_preset(label_map: LabelMap, preset: str, backbone_checkpoint: str | None) -> DetrForSegmentation:
+def _build_from_preset(
+    label_map: LabelMap, preset: str, backbone_checkpoint: str | None, overrides: Mapping[str, Any]
+) -> DetrForSegmentation:
     """Randomly initialised model of a preset, then backbone weights from a file when one is available."""
     if preset not in PRESETS:
         raise UserInputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = dict(PRESETS[preset])
+    fields = {**PRESETS[preset], **overrides}
     backbone = fields.pop("backbone")
+    out_indices = tuple(fields.pop("out_indices", BACKBONE_OUT_INDICES))
+    if len(out_indices) != 4:
+        raise UserInputError(f"out_indices: the mask head needs 4 backbone levels, got {list(out_indices)}")
     if backbone_checkpoint is not None and not Path(backbone_checkpoint).is_file():
         raise UserInputError(f"backbone_checkpoint {backbone_checkpoint!r}: file not found")
     weights = backbone_checkpoint or _cached_imagenet_weights(backbone)
     config = DetrConfig(
         backbone_config=TimmBackboneConfig(
             backbone=backbone,
-            out_indices=BACKBONE_OUT_INDICES,
+            out_indices=out_indices,
             use_pretrained_backbone=weights is not None,
         ),
         id2label=label_map.id2label,

@@ -15,11 +15,20 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+LAUNCH := HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 \
+	--mixed_precision no --dynamo_backend no
+
+# The main job end to end on the embedded demo data: data -> dataset -> stage 1 -> stage 2 -> val PQ.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg demo-data $(DEMO)/data --num-images 40 --size 256
+	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg demo-data $(DEMO)/data --num-images 80 --size 256
 	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg build-dataset --images $(DEMO)/data/images --masks $(DEMO)/data/masks \
 		--labels $(DEMO)/data/labels.yaml --out $(DEMO)/dataset --workers 2 --quiet
 	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg validate $(DEMO)/dataset
+	$(LAUNCH) recipes/stage1.py --dataset_dir $(DEMO)/dataset --output_dir outputs/stage1
+	$(LAUNCH) recipes/stage2.py --dataset_dir $(DEMO)/dataset --model_name_or_path outputs/stage1 \
+		--output_dir outputs/stage2
+	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg evaluate --model outputs/stage2 --dataset_dir $(DEMO)/dataset \
+		--json outputs/stage2/val_metrics.json
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -76,6 +76,57 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.dataset}: valid COCO-panoptic dataset ({counts})")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from .evaluation import evaluate_model, metrics_table
+
+    model = _load_segmentation_model(args.model)
+    metrics = evaluate_model(
+        model,
+        args.dataset_dir,
+        split=args.split,
+        image_size=args.image_size or _trained_image_size(args.model),
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        tolerance=args.tolerance,
+        max_images=args.max_images,
+    )
+    if args.baseline == "otsu":
+        from .baselines import otsu_scores
+
+        crack = args.baseline_class
+        metrics["baseline_otsu"] = otsu_scores(args.dataset_dir, args.split, crack, tolerance=args.tolerance)
+    print(metrics_table(metrics))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+        print(f"Wrote {args.json}")
+
+
+def _load_segmentation_model(folder: str):
+    """A DETR segmentation model folder, or a clear error naming it."""
+    from transformers import DetrForSegmentation
+
+    try:
+        model = DetrForSegmentation.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"--model {folder}: not a DETR segmentation model folder ({err})") from None
+    if getattr(model.config, "label_map", None) is None:
+        raise UserInputError(f"--model {folder}: its config has no label_map; train it with hf-detr-seg")
+    return model.eval()
+
+
+def _trained_image_size(folder: str) -> int:
+    """The shortest edge the model was trained at (from its run.yaml), else DETR's 800."""
+    import yaml
+
+    run_file = Path(folder) / "run.yaml"
+    if run_file.is_file():
+        return int(yaml.safe_load(run_file.read_text()).get("image_size", 800))
+    return 800
+
+
 def _ensure_demo_source() -> tuple[Path, Path, Path]:
     """The embedded demo data is the default of every command that needs data."""
     from .data.demo import generate_demo_data
@@ -111,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "--skip-bad", action="store_true", help="skip bad files, list them, exit 1")
     _add(build, "--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_build_dataset)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on a built dataset split (PQ, mAP, IoU, F1)")
+    _add(evaluate, "--model", required=True, help="a model folder written by the recipes")
+    _add(evaluate, "--dataset-dir", required=True, type=Path)
+    _add(evaluate, "--split", default="val")
+    _add(evaluate, "--json", type=Path, help="write all metrics here")
+    _add(evaluate, "--threshold", type=float, default=0.85, help="keep queries scoring above this")
+    _add(evaluate, "--image-size", type=int, help="shortest edge (default: the one the model was trained at)")
+    _add(evaluate, "--batch-size", type=int, default=4)
+    _add(evaluate, "--tolerance", type=float, default=0, help="pixel F1 tolerance in pixels")
+    _add(evaluate, "--max-images", type=int, help="only the first N images of the split")
+    _add(evaluate, "--baseline", choices=["otsu"], help="also score a dark-pixel Otsu threshold")
+    _add(evaluate, "--baseline-class", default="crack", help="the class the baseline predicts")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     validate = sub.add_parser("validate", help="check a dataset folder against the COCO-panoptic rules")
     validate.add_argument("dataset", type=Path)

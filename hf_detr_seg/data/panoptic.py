@@ -50,6 +50,15 @@ def read_panoptic_png(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read panoptic PNG ({err})") from None
 
 
+def class_map_from_segments(id_map: np.ndarray, segments: list[dict], class_of) -> np.ndarray:
+    """Segment-id map -> class-index map (-1 where no segment); `class_of(segment)` gives a segment's class."""
+    lookup = np.full(int(id_map.max(initial=0)) + 1, -1, dtype=np.int64)
+    for seg in segments:
+        if seg["id"] < len(lookup):
+            lookup[seg["id"]] = class_of(seg)
+    return lookup[id_map]
+
+
 def annotation_json(root: Path, split: str) -> Path:
     return root / "annotations" / f"panoptic_{split}.json"
 

@@ -1,0 +1,159 @@
+"""The training run's settings: defaults < YAML config < command line, in the 🤗 example scripts' names.
+
+One dataclass holds every setting of both stages so the recipes stay thin and the run's YAML, saved beside
+the model, says exactly what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import UserInputError
+
+MASK_LOSSES = ("focal", "dice", "focal+dice")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training stage (1: detection, 2: mask head)."""
+
+    stage: int = 1
+    dataset_dir: str | None = None  # a folder built by `hf-detr-seg build-dataset`; None: the demo data
+    model_name_or_path: str | None = None  # stage 1: checkpoint or None (preset); stage 2: stage-1 output
+    preset: str = "tiny"
+    backbone_checkpoint: str | None = None
+    output_dir: str | None = None  # default outputs/stage{stage}
+    num_train_epochs: int = 10
+    max_train_steps: int | None = None
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+    learning_rate: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 0.1
+    lr_drop_epochs: list[int] = field(default_factory=list)  # learning rate x0.1 at these epochs
+    freeze_backbone_epochs: int = 0  # stage 1: backbone frozen for the first K epochs
+    gradient_accumulation_steps: int = 1
+    checkpointing_steps: str | None = None  # an integer (every N steps) or "epoch"
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    with_tracking: bool = False
+    report_to: str = "tensorboard"
+    logging_steps: int = 10
+    seed: int = 42
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+    image_size: int = 192
+    augment: bool = True
+    num_workers: int = 0
+    mask_loss: str = "focal+dice"
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 1.0
+    eos_coef: float = 0.1
+    num_queries: int | None = None  # preset override
+    backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
+    eval_threshold: float = 0.85
+    eval_max_images: int | None = None  # evaluate on the first N val images only (speed on CPU)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise UserInputError(f"stage: expected 1 or 2, got {self.stage!r}")
+        if self.mask_loss not in MASK_LOSSES:
+            raise UserInputError(f"--mask_loss: expected one of {list(MASK_LOSSES)}, got {self.mask_loss!r}")
+        if self.output_dir is None:
+            self.output_dir = f"outputs/stage{self.stage}"
+        if self.stage == 2 and self.model_name_or_path is None:
+            self.model_name_or_path = "outputs/stage1"
+        if self.checkpointing_steps is not None:
+            self.checkpointing_steps = str(self.checkpointing_steps)
+            if self.checkpointing_steps != "epoch" and not self.checkpointing_steps.isdigit():
+                raise UserInputError(
+                    f"--checkpointing_steps: expected an integer or 'epoch', got {self.checkpointing_steps!r}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    if "list" in text:
+        return int
+    if "bool" in text:
+        return bool
+    if "int" in text and "str" not in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(stage: int, description: str) -> argparse.ArgumentParser:
+    """Every TrainConfig field as an option (dashes and underscores both accepted), default: unset."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, help="YAML file of settings (command-line options override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        kind = _field_type(f)
+        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=_parse_bool, default=None)
+        elif "list" in str(f.type):
+            parser.add_argument(*names, dest=f.name, type=int, nargs="*", default=None)
+        else:
+            parser.add_argument(*names, dest=f.name, type=kind, default=None)
+    parser.set_defaults(stage=stage)
+    return parser
+
+
+def load_config(
+    stage: int, argv: Sequence[str] | None = None, description: str = "", default_config: Path | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file (`--config`, else `default_config`), then the command-line options."""
+    args = build_parser(stage, description).parse_args(argv)
+    values: dict[str, Any] = {}
+    config_file = args.config or default_config
+    if config_file is not None:
+        values.update(read_yaml_config(config_file, stage))
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    values["stage"] = stage
+    return TrainConfig(**values)
+
+
+def read_yaml_config(path: Path, stage: int) -> dict[str, Any]:
+    """Shared settings at the top level; `stage1:` / `stage2:` sections override them for one stage."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise UserInputError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a mapping of settings")
+    sections = {"stage1": data.pop("stage1", None) or {}, "stage2": data.pop("stage2", None) or {}}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stage"}
+    for where, settings in (("", data), ("stage1.", sections["stage1"]), ("stage2.", sections["stage2"])):
+        if not isinstance(settings, dict):
+            raise UserInputError(f"{path}: {where or 'top level'}: expected a mapping of settings")
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise UserInputError(f"{path}: unknown setting(s) {[where + k for k in unknown]}")
+    return {**data, **sections[f"stage{stage}"]}

@@ -1,0 +1,169 @@
+"""Run a model on a built dataset split and score it: PQ/SQ/RQ, box mAP, semantic IoU, pixel F1.
+
+The loop only feeds evaluators (detectron2's reset / update / compute seam): `metrics.py` knows nothing of
+models, and this module nothing of how a metric is computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from transformers import DetrForSegmentation
+
+from .data.panoptic import annotation_folder, annotation_json, class_map_from_segments, read_json, read_panoptic_png
+from .data.training_data import PanopticDetrDataset, collate_fn
+from .detr_forward import run_detector, run_mask_head
+from .errors import DataError
+from .labels import LabelMap
+from .metrics import BoxMAP, PanopticQuality, SemanticScores
+from .modeling import label_map_from_config
+from .postprocess import DEFAULT_THRESHOLD, PanopticPrediction, post_process_panoptic
+
+
+def _ground_truth(root: Path, split: str) -> dict[int, tuple[Path, list[dict]]]:
+    data = read_json(annotation_json(root, split))
+    return {ann["image_id"]: (annotation_folder(root, split) / ann["file_name"], ann["segments_info"])
+            for ann in data["annotations"]}
+
+
+def detections(logits: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
+    """DETR's box post-processing: every query, its best real class and score, boxes in pixels (x0, y0, x1, y1)."""
+    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    return {"boxes": xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype), "scores": scores,
+            "labels": labels}
+
+
+@torch.no_grad()
+def predict_batch(
+    model: DetrForSegmentation,
+    pixel_values: torch.Tensor,
+    pixel_mask: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    target_sizes: list[tuple[int, int]],
+    stuff_label_ids: set[int],
+    threshold: float,
+) -> tuple[list[PanopticPrediction], torch.Tensor, torch.Tensor]:
+    """Panoptic predictions at `target_sizes`, cropping each image's padding off the mask logits first.
+
+    Also returns the detector's logits and boxes (for box mAP).
+    """
+    detector = run_detector(model, pixel_values, pixel_mask)
+    masks = run_mask_head(model, detector)
+    scale = masks.shape[-2] / pixel_values.shape[-2]
+    predictions = []
+    for i, ((height, width), target) in enumerate(zip(sizes, target_sizes)):
+        rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
+        predictions += post_process_panoptic(
+            detector.logits[i : i + 1], masks[i : i + 1, :, :rows, :cols], [target], stuff_label_ids, threshold
+        )
+    return predictions, detector.logits, detector.pred_boxes
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: DetrForSegmentation,
+    dataset_dir: str | Path,
+    split: str = "val",
+    image_size: int = 192,
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 4,
+    masks: bool = True,
+    max_images: int | None = None,
+    tolerance: int = 0,
+) -> dict:
+    """Score `model` on a split. With `masks=False` only boxes are scored (stage 1: the mask head is untrained)."""
+    root = Path(dataset_dir)
+    if not annotation_json(root, split).is_file():
+        raise DataError(f"{root}: no `{split}` split (missing {annotation_json(root, split)})")
+    label_map: LabelMap = label_map_from_config(model.config)
+    dataset = PanopticDetrDataset(root, split, image_size, augment=False, label_map=label_map)
+    if len(dataset) == 0:
+        return {}
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    truth = _ground_truth(root, split)
+    device = next(model.parameters()).device
+    stuff = {i for i, c in enumerate(label_map.classes) if not c.isthing}
+    categories = {c.category_id: {"name": c.name, "isthing": c.isthing} for c in label_map.classes}
+    pq = PanopticQuality(categories)
+    boxes = BoxMAP()
+    # Pixel precision/recall/F1 for every defect class, thing or stuff (crack is often stuff): all but background.
+    defects = [i for i, c in enumerate(label_map.classes) if not c.background]
+    semantic = SemanticScores(label_map.num_classes, defects, tolerance=tolerance, class_names=label_map.names)
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        labels = batch["labels"]
+        pixel_values, pixel_mask = batch["pixel_values"].to(device), batch["pixel_mask"].to(device)
+        originals = [tuple(t["orig_size"].tolist()) for t in labels]
+        if masks:
+            sizes = [tuple(t["size"].tolist()) for t in labels]
+            predictions, logits, pred_boxes = predict_batch(
+                model, pixel_values, pixel_mask, sizes, originals, stuff, threshold
+            )
+        else:
+            detector = run_detector(model, pixel_values, pixel_mask)
+            predictions, logits, pred_boxes = None, detector.logits, detector.pred_boxes
+        for i, target in enumerate(labels):
+            png, gt_segments = truth[int(target["image_id"])]
+            gt_ids = read_panoptic_png(png)
+            height, width = originals[i]
+            boxes.update(
+                detections(logits[i].cpu(), pred_boxes[i].cpu(), height, width),
+                _gt_boxes(gt_segments, label_map),
+            )
+            if predictions is None:
+                continue
+            pred = predictions[i]
+            pred_ids = pred.id_map.cpu().numpy().astype(np.uint32)
+            pred_segments = [{"id": s["id"], "category_id": label_map.category_id(s["label_id"])} for s in pred.segments]
+            pq.update(gt_ids, gt_segments, pred_ids, pred_segments)
+            semantic.update(
+                class_map_from_segments(gt_ids, gt_segments, lambda s: label_map.index_of_category(s["category_id"])),
+                class_map_from_segments(pred_ids, pred.segments, lambda s: s["label_id"]),
+            )
+    if was_training:
+        model.train()
+    results = boxes.compute()
+    if masks:
+        results = {**pq.compute(), **results}
+        scores = semantic.compute()
+        results["miou"] = scores["miou"]
+        for name, values in results["per_class"].items():
+            values.update(scores["per_class"].get(name, {}))
+    return results
+
+
+def _gt_boxes(segments: list[dict], label_map: LabelMap) -> dict[str, torch.Tensor]:
+    kept = [s for s in segments if not s.get("iscrowd", 0)]
+    xyxy = [[x, y, x + w, y + h] for x, y, w, h in (s["bbox"] for s in kept)]
+    return {
+        "boxes": torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor([label_map.index_of_category(s["category_id"]) for s in kept], dtype=torch.int64),
+    }
+
+
+def metrics_table(metrics: dict) -> str:
+    """A Markdown summary: the headline numbers, then one row per class."""
+    headline = [k for k in ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "bbox_map", "bbox_map_50")
+                if isinstance(metrics.get(k), float)]
+    lines = ["| " + " | ".join(headline) + " |", "|" + "---|" * len(headline),
+             "| " + " | ".join(f"{metrics[k]:.4f}" for k in headline) + " |"]
+    per_class = metrics.get("per_class", {})
+    if per_class:
+        columns = ["pq", "sq", "rq", "iou", "precision", "recall", "f1"]
+        lines += ["", "| class | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for name, values in per_class.items():
+            cells = [f"{values[c]:.4f}" if isinstance(values.get(c), float) else "" for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key, values in metrics.items():
+        if key.startswith("baseline_"):
+            lines.append(f"\nbaseline {key[9:]}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))
+    return "\n".join(lines)

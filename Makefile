@@ -11,6 +11,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# The reference PQ implementation for tests and benchmarks; it pins numpy<2, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps panopticapi-lite
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import UserInputError
+from .losses import LossWeights
 
 MASK_LOSSES = ("focal", "dice", "focal+dice")
 
@@ -53,12 +54,15 @@ class TrainConfig:
     augment: bool = True
     num_workers: int = 0
     mask_loss: str = "focal+dice"
-    class_weight: float = 1.0
-    bbox_weight: float = 5.0
-    giou_weight: float = 2.0
-    mask_weight: float = 1.0
-    dice_weight: float = 1.0
-    eos_coef: float = 0.1
+    # Loss weights: defaults are DETR's, from `losses.LossWeights` (one source of truth).
+    class_weight: float = LossWeights.class_weight
+    bbox_weight: float = LossWeights.bbox_weight
+    giou_weight: float = LossWeights.giou_weight
+    mask_weight: float = LossWeights.mask_weight
+    dice_weight: float = LossWeights.dice_weight
+    eos_coef: float = LossWeights.eos_coef
+    focal_alpha: float = LossWeights.focal_alpha
+    focal_gamma: float = LossWeights.focal_gamma
     num_queries: int | None = None  # preset override
     backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
     eval_threshold: float = 0.85
@@ -82,6 +86,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossWeights)})
 
 
 def _field_type(f: dataclasses.Field) -> type:

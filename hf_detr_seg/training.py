@@ -33,7 +33,7 @@ from .errors import UserInputError
 from .evaluation import evaluate_model
 from .hub import push_folder, save_model_folder
 from .labels import LabelMap
-from .losses import DetrCriterion, LossWeights, matched_query_index
+from .losses import DetrCriterion, matched_query_index
 from .modeling import build_image_processor, build_model, group_of, label_map_from_config, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -132,16 +132,8 @@ def load_model(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
 
 
 def build_criterion(config: TrainConfig, num_classes: int) -> DetrCriterion:
-    weights = LossWeights(
-        class_weight=config.class_weight,
-        bbox_weight=config.bbox_weight,
-        giou_weight=config.giou_weight,
-        mask_weight=config.mask_weight,
-        dice_weight=config.dice_weight,
-        eos_coef=config.eos_coef,
-    )
     losses = ("labels", "boxes") if config.stage == 1 else ("masks",)
-    return DetrCriterion(num_classes, weights, losses=losses, mask_loss=config.mask_loss)
+    return DetrCriterion(num_classes, config.loss_weights(), losses=losses, mask_loss=config.mask_loss)
 
 
 def build_optimizer(model: DetrForSegmentation, config: TrainConfig) -> torch.optim.AdamW:

@@ -245,7 +245,18 @@ BAD_INPUTS = {
         ),
         "b.png: mask value(s) [7]",
     ),
+    "unknown mask colour": (lambda s: _colour_masks_with_unknown_colour(s), "b.png: colour [0, 200, 0]"),
 }
+
+
+def _colour_masks_with_unknown_colour(src: Path) -> None:
+    write_labels(src / "labels.yaml", {"mask_format": "color", "classes": [
+        {"name": "crack", "isthing": True, "color": [255, 0, 0]},
+        {"name": "surface", "isthing": False, "background": True, "color": [0, 0, 0]}]})
+    for stem in ("a", "b", "c"):
+        rgb = np.zeros((16, 24, 3), np.uint8)
+        rgb[4:8, 2:20] = [0, 200, 0] if stem == "b" else [255, 0, 0]
+        save_mask(src / "masks" / f"{stem}.png", rgb)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

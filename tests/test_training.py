@@ -189,3 +189,10 @@ def test_two_process_cpu_run(dataset: Path, tmp_path: Path):
     assert (out / "model.safetensors").is_file() and (out / "checkpoints/step_2").is_dir()
     trained = weights(out)
     assert all(torch.isfinite(v).all() for v in trained.values())
+
+
+def test_with_tracking_writes_tensorboard_events(dataset: Path, tmp_path: Path):
+    out = tmp_path / "tracked"
+    run(settings(dataset, out, max_train_steps=2, with_tracking=True, report_to="tensorboard"))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {out}"

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 from .errors import UserInputError
 
 DEFAULT_DEMO_DIR = Path("outputs/demo-data")
+# The `huggingface_hub.HfApi`-like object `push` uploads with (None: a new `HfApi()`); tests put a stand-in here.
+HUB_API = None
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -77,8 +79,6 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import json
-
     from .evaluation import evaluate_model, metrics_table
 
     model = _load_segmentation_model(args.model)
@@ -91,6 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         tolerance=args.tolerance,
         max_images=args.max_images,
+        save_predictions=args.save_predictions,
     )
     if args.baseline == "otsu":
         from .baselines import otsu_scores
@@ -98,10 +99,80 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         crack = args.baseline_class
         metrics["baseline_otsu"] = otsu_scores(args.dataset_dir, args.split, crack, tolerance=args.tolerance)
     print(metrics_table(metrics))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=1))
-        print(f"Wrote {args.json}")
+    _write_metrics(args.json, metrics)
+    if args.save_predictions is not None:
+        out = Path(args.save_predictions)
+        print(f"Wrote the predictions as COCO-panoptic to {out}/panoptic_{args.split}.json "
+              f"+ {out}/panoptic_{args.split}/ (score them with `hf-detr-seg pq`)")
+
+
+def cmd_pq(args: argparse.Namespace) -> None:
+    from .evaluation import metrics_table
+    from .metrics import pq_compute_folders
+
+    for flag, path in (("--gt-json", args.gt_json), ("--pred-json", args.pred_json)):
+        if not Path(path).is_file():
+            raise UserInputError(f"{flag} {path}: file not found")
+    try:
+        metrics = pq_compute_folders(args.gt_json, args.gt_folder, args.pred_json, args.pred_folder)
+    except (KeyError, TypeError) as err:
+        raise UserInputError(
+            f"{args.gt_json} / {args.pred_json}: missing or malformed field {err}; expected COCO-panoptic JSON"
+        ) from None
+    print(f"PQ of {args.pred_json} against {args.gt_json}:")
+    print(metrics_table(metrics))
+    _write_metrics(args.json, metrics)
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise UserInputError(f"--model {folder}: folder not found")
+    kind = "model" if (folder / "config.json").is_file() else "dataset"
+    try:
+        files = push_folder(folder, args.repo_id, private=args.private, dry_run=args.dry_run, api=HUB_API)
+    except OSError as err:  # no network, no token, refused by the Hub (huggingface_hub's errors are OSErrors)
+        print(f"error: upload of {folder} to {args.repo_id} failed: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.dry_run:
+        print("\n".join(files))
+        print(f"Dry run: {len(files)} files of {kind} folder {folder} would go to {args.repo_id} "
+              f"({'private' if args.private else 'public'}); nothing uploaded", file=sys.stderr)
+        return
+    url = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{args.repo_id}"
+    print(f"Uploaded {len(files)} files of {kind} folder {folder} to {url}{' (private)' if args.private else ''}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .inference import predict_paths
+
+    options = {name: getattr(args, name) for name in ("tile_size", "tile_overlap", "mm_per_pixel", "batch_size",
+                                                      "image_size")}
+    result = predict_paths(
+        args.model,
+        args.inputs,
+        args.out,
+        threshold=args.threshold,
+        **{name: value for name, value in options.items() if value is not None},  # unset: the library's default
+    )
+    failed = result.get("failed", [])
+    print(f"Predicted {result['images']} images, {result['segments']} segments; results in {result['out']}")
+    if failed:
+        print(f"{len(failed)} input(s) failed:", file=sys.stderr)
+        for path, message in failed:
+            print(f"  {message}" if str(message).startswith(str(path)) else f"  {path}: {message}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _write_metrics(path: Path | None, metrics: dict) -> None:
+    import json
+
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(metrics, indent=1))
+        print(f"Wrote {path}")
 
 
 def _load_segmentation_model(folder: str):
@@ -175,7 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add(evaluate, "--max-images", type=int, help="only the first N images of the split")
     _add(evaluate, "--baseline", choices=["otsu"], help="also score a dark-pixel Otsu threshold")
     _add(evaluate, "--baseline-class", default="crack", help="the class the baseline predicts")
+    _add(evaluate, "--save-predictions", type=Path, help="also write the predictions as a COCO-panoptic folder here")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    pq = sub.add_parser("pq", help="PQ of a COCO-panoptic prediction folder against a ground-truth one (panopticapi)")
+    _add(pq, "--gt-json", required=True, type=Path, help="ground-truth panoptic JSON")
+    _add(pq, "--gt-folder", type=Path, help="its PNG folder (default: the JSON path without .json)")
+    _add(pq, "--pred-json", required=True, type=Path, help="prediction panoptic JSON")
+    _add(pq, "--pred-folder", type=Path, help="its PNG folder (default: the JSON path without .json)")
+    _add(pq, "--json", type=Path, help="write pq, sq, rq, pq_things, pq_stuff and per_class here")
+    pq.set_defaults(func=cmd_pq)
+
+    predict = sub.add_parser("predict", help="segment photos or folders: masks, overlays, measurements, report")
+    _add(predict, "--model", required=True, help="a model folder (or Hub id)")
+    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    _add(predict, "--out", required=True, type=Path, help="output folder")
+    _add(predict, "--threshold", type=float, default=0.85, help="keep queries scoring above this")
+    _add(predict, "--tile-size", type=int, help="split large photos into tiles of this many pixels")
+    _add(predict, "--tile-overlap", type=float, help="overlap of neighbouring tiles, a fraction of the tile size")
+    _add(predict, "--mm-per-pixel", type=float, help="scale for measurements in millimetres")
+    _add(predict, "--batch-size", type=int)
+    _add(predict, "--image-size", type=int, help="shortest edge (default: the model's own)")
+    predict.set_defaults(func=cmd_predict)
+
+    push = sub.add_parser("push", help="upload a model folder (or a built dataset folder) to the Hugging Face Hub")
+    _add(push, "--model", required=True, type=Path, help="model folder (config.json) or dataset folder (labels.yaml)")
+    _add(push, "--repo-id", required=True, help="USER/NAME on the Hub")
+    _add(push, "--private", action="store_true", help="create the repository as private")
+    _add(push, "--dry-run", action="store_true", help="only list the files that would be uploaded (no network)")
+    push.set_defaults(func=cmd_push)
 
     validate = sub.add_parser("validate", help="check a dataset folder against the COCO-panoptic rules")
     validate.add_argument("dataset", type=Path)

@@ -13,14 +13,22 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import DetrForSegmentation
 
-from .data.panoptic import annotation_folder, annotation_json, class_map_from_segments, read_json, read_panoptic_png
+from .data.panoptic import (
+    annotation_folder,
+    annotation_json,
+    class_map_from_segments,
+    read_json,
+    read_panoptic_png,
+    write_json,
+    write_panoptic_png,
+)
 from .data.training_data import PanopticDetrDataset, collate_fn
 from .detr_forward import run_detector, run_mask_head
 from .errors import DataError
 from .labels import LabelMap
 from .metrics import BoxMAP, PanopticQuality, SemanticScores
 from .modeling import label_map_from_config
-from .postprocess import DEFAULT_THRESHOLD, PanopticPrediction, post_process_panoptic
+from .postprocess import DEFAULT_THRESHOLD, PanopticPrediction, post_process_panoptic, segments_to_coco
 
 
 def _ground_truth(root: Path, split: str) -> dict[int, tuple[Path, list[dict]]]:
@@ -75,11 +83,19 @@ def evaluate_model(
     masks: bool = True,
     max_images: int | None = None,
     tolerance: int = 0,
+    save_predictions: Path | None = None,
 ) -> dict:
-    """Score `model` on a split. With `masks=False` only boxes are scored (stage 1: the mask head is untrained)."""
+    """Score `model` on a split. With `masks=False` only boxes are scored (stage 1: the mask head is untrained).
+
+    `save_predictions=DIR` also writes the panoptic predictions as a COCO-panoptic folder that panopticapi (or
+    `hf-detr-seg pq`) reads against the split's annotations: `DIR/panoptic_<split>.json` (images, annotations
+    with `segments_info` including scores, categories) and `DIR/panoptic_<split>/<stem>.png`.
+    """
     root = Path(dataset_dir)
     if not annotation_json(root, split).is_file():
         raise DataError(f"{root}: no `{split}` split (missing {annotation_json(root, split)})")
+    if save_predictions is not None and not masks:
+        raise ValueError("save_predictions needs masks=True (a stage-1 model predicts boxes only)")
     label_map: LabelMap = label_map_from_config(model.config)
     dataset = PanopticDetrDataset(root, split, image_size, augment=False, label_map=label_map)
     if len(dataset) == 0:
@@ -96,6 +112,7 @@ def evaluate_model(
     # Pixel precision/recall/F1 for every defect class, thing or stuff (crack is often stuff): all but background.
     defects = [i for i, c in enumerate(label_map.classes) if not c.background]
     semantic = SemanticScores(label_map.num_classes, defects, tolerance=tolerance, class_names=label_map.names)
+    writer = _PredictionWriter(Path(save_predictions), root, split, label_map) if save_predictions is not None else None
     was_training = model.training
     model.eval()
     for batch in loader:
@@ -124,12 +141,16 @@ def evaluate_model(
             pred_ids = pred.id_map.cpu().numpy().astype(np.uint32)
             pred_segments = [{"id": s["id"], "category_id": label_map.category_id(s["label_id"])} for s in pred.segments]
             pq.update(gt_ids, gt_segments, pred_ids, pred_segments)
+            if writer is not None:
+                writer.add(int(target["image_id"]), png.name, pred_ids, segments_to_coco(pred, label_map))
             semantic.update(
                 class_map_from_segments(gt_ids, gt_segments, lambda s: label_map.index_of_category(s["category_id"])),
                 class_map_from_segments(pred_ids, pred.segments, lambda s: s["label_id"]),
             )
     if was_training:
         model.train()
+    if writer is not None:
+        writer.close()
     results = boxes.compute()
     if masks:
         results = {**pq.compute(), **results}
@@ -138,6 +159,27 @@ def evaluate_model(
         for name, values in results["per_class"].items():
             values.update(scores["per_class"].get(name, {}))
     return results
+
+
+class _PredictionWriter:
+    """Writes predictions as a COCO-panoptic folder: one PNG per image as it comes, the JSON at the end."""
+
+    def __init__(self, out: Path, root: Path, split: str, label_map: LabelMap) -> None:
+        self.json_path = out / f"panoptic_{split}.json"
+        self.png_dir = out / f"panoptic_{split}"
+        self.png_dir.mkdir(parents=True, exist_ok=True)
+        self.images = {img["id"]: img for img in read_json(annotation_json(root, split))["images"]}
+        self.categories = label_map.coco_categories()
+        self.annotations: list[dict] = []
+
+    def add(self, image_id: int, png_name: str, id_map: np.ndarray, segments_info: list[dict]) -> None:
+        file_name = Path(png_name).stem + ".png"
+        write_panoptic_png(self.png_dir / file_name, id_map)
+        self.annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": segments_info})
+
+    def close(self) -> None:
+        images = [self.images[a["image_id"]] for a in self.annotations]
+        write_json(self.json_path, {"images": images, "annotations": self.annotations, "categories": self.categories})
 
 
 def _gt_boxes(segments: list[dict], label_map: LabelMap) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := outputs/demo
+# One real crack photo beside the checkout (shared data), to show prediction on a real inspection image.
+REAL_PHOTO := $(firstword $(wildcard ../shared/data/deepcrack-sample/val/images/*.jpg))
 
 .PHONY: demo test bench install clean
 
@@ -31,6 +33,8 @@ demo: $(STAMP)
 		--output_dir outputs/stage2
 	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg evaluate --model outputs/stage2 --dataset_dir $(DEMO)/dataset \
 		--json outputs/stage2/val_metrics.json
+	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg predict --model outputs/stage2 --out outputs/predictions \
+		"$(DEMO)/dataset/images/val/demo_000*.jpg" $(REAL_PHOTO) --tile-size 256 --mm-per-pixel 0.5
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

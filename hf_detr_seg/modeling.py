@@ -145,6 +145,7 @@ def _build_from_preset(
         **fields,
     )
     model = DetrForSegmentation(config)
+    reset_transformer_like_detr(model)
     if weights is None:
         logger.warning(
             "pretrained backbone weights for %s are not available offline; using random weights", backbone
@@ -192,6 +193,22 @@ def _load_backbone_weights(model: DetrForSegmentation, backbone: str, path: str)
         model.detr.model.backbone.model.load_state_dict(source.state_dict())
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise UserInputError(f"backbone weights {path!r} cannot be loaded into timm {backbone}: {err}") from None
+
+
+def reset_transformer_like_detr(model: DetrForSegmentation) -> None:
+    """Initialise the transformer as facebookresearch/detr does, not with transformers' N(0, 0.02).
+
+    transformers draws every Linear and Embedding from N(0, 0.02). For the object queries that makes all
+    queries nearly the same vector, so a model trained from scratch gives every query the same box and class
+    for a long time ("queries ignore the image"). DETR's queries are `nn.Embedding`'s N(0, 1) and its
+    transformer weights Xavier-uniform.
+    """
+    detr = model.detr.model
+    nn.init.normal_(detr.query_position_embeddings.weight)
+    for module in (detr.encoder, detr.decoder):
+        for param in module.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
 
 
 def revive_zero_init_norms(model: DetrForSegmentation) -> int:

@@ -133,7 +133,7 @@ def crop(
 
 def drop_empty(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Masks with at least one pixel, and the indices (into `masks`) of those kept."""
-    keep = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(1))
+    keep = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(1)) if len(masks) else np.zeros(0, np.int64)
     return masks[keep], keep
 
 

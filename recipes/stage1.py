@@ -3,7 +3,8 @@
     accelerate launch recipes/stage1.py                       # demo data, tiny preset, CPU: a few minutes
     accelerate launch recipes/stage1.py --config recipes/configs/r50-gpu.yaml --dataset_dir my_dataset
 
-Settings: defaults < --config YAML (top level + `stage1:` section) < command-line options.
+Settings: defaults < the YAML config (--config, else configs/tiny-cpu.yaml; top level + `stage1:` section)
+< command-line options.
 """
 
 from pathlib import Path

@@ -3,7 +3,8 @@
     accelerate launch recipes/stage2.py                       # reads outputs/stage1, writes outputs/stage2
     accelerate launch recipes/stage2.py --config recipes/configs/r50-gpu.yaml --model_name_or_path runs/stage1
 
-Settings: defaults < --config YAML (top level + `stage2:` section) < command-line options.
+Settings: defaults < the YAML config (--config, else configs/tiny-cpu.yaml; top level + `stage2:` section)
+< command-line options.
 """
 
 from pathlib import Path

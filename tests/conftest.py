@@ -35,3 +35,15 @@ def save_mask(path: Path, array: np.ndarray, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **kwargs)
     return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small built demo dataset (10 images of 96 px, 8 train / 2 val) for training and CLI tests."""
+    from hf_detr_seg.data.builder import build_dataset
+    from hf_detr_seg.data.demo import generate_demo_data
+
+    tmp = tmp_path_factory.mktemp("small-demo")
+    src = generate_demo_data(tmp / "src", num_images=10, size=96, seed=1)
+    build_dataset(src / "images", src / "masks", src / "labels.yaml", tmp / "ds", val_fraction=0.2, progress=False)
+    return tmp / "ds"

@@ -14,8 +14,6 @@ from transformers import DetrForSegmentation
 
 from hf_detr_seg import cli
 from hf_detr_seg.cli import main
-from hf_detr_seg.data.builder import build_dataset
-from hf_detr_seg.data.demo import generate_demo_data
 from hf_detr_seg.data.panoptic import read_panoptic_png
 from hf_detr_seg.config import TrainConfig
 from hf_detr_seg.training import run
@@ -28,14 +26,6 @@ def run_cli(*argv: str) -> int:
     except SystemExit as exit_info:
         return exit_info.code
     return 0
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("cli")
-    src = generate_demo_data(tmp / "src", num_images=10, size=96, seed=1)
-    build_dataset(src / "images", src / "masks", src / "labels.yaml", tmp / "ds", val_fraction=0.2, progress=False)
-    return tmp / "ds"
 
 
 @pytest.fixture(scope="module")

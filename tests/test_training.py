@@ -22,14 +22,6 @@ from hf_detr_seg.training import TrainingError, run
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("train")
-    src = generate_demo_data(tmp / "src", num_images=10, size=96, seed=1)
-    build_dataset(src / "images", src / "masks", src / "labels.yaml", tmp / "ds", val_fraction=0.2, progress=False)
-    return tmp / "ds"
-
-
 def settings(dataset: Path, out: Path, **overrides) -> TrainConfig:
     base = dict(
         dataset_dir=str(dataset), output_dir=str(out), image_size=96, per_device_train_batch_size=2,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..labels import LabelMap
 from .instances import segments_from_class_map
-from .masks import VOID, MaskSource, read_class_map, read_image
+from .masks import MaskSource, read_class_map, read_image
 from .panoptic import (
     SPLITS,
     annotation_folder,

@@ -80,13 +80,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_model, metrics_table
+    from .inference import DefectSegmenter
 
-    model = _load_segmentation_model(args.model)
+    segmenter = DefectSegmenter.from_pretrained(args.model, image_size=args.image_size)
     metrics = evaluate_model(
-        model,
+        segmenter.model,
         args.dataset_dir,
         split=args.split,
-        image_size=args.image_size or _trained_image_size(args.model),
+        image_size=segmenter.image_size,
         threshold=args.threshold,
         batch_size=args.batch_size,
         tolerance=args.tolerance,
@@ -173,29 +174,6 @@ def _write_metrics(path: Path | None, metrics: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(metrics, indent=1))
         print(f"Wrote {path}")
-
-
-def _load_segmentation_model(folder: str):
-    """A DETR segmentation model folder, or a clear error naming it."""
-    from transformers import DetrForSegmentation
-
-    try:
-        model = DetrForSegmentation.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"--model {folder}: not a DETR segmentation model folder ({err})") from None
-    if getattr(model.config, "label_map", None) is None:
-        raise UserInputError(f"--model {folder}: its config has no label_map; train it with hf-detr-seg")
-    return model.eval()
-
-
-def _trained_image_size(folder: str) -> int:
-    """The shortest edge the model was trained at (from its run.yaml), else DETR's 800."""
-    import yaml
-
-    run_file = Path(folder) / "run.yaml"
-    if run_file.is_file():
-        return int(yaml.safe_load(run_file.read_text()).get("image_size", 800))
-    return 800
 
 
 def _ensure_demo_source() -> tuple[Path, Path, Path]:

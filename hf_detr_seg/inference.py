@@ -53,10 +53,10 @@ from .data.training_data import collate_fn, to_pixel_values
 from .data.transforms import DETR_SHORTEST, resize_shortest_edge
 from .errors import DataError, UserInputError
 from .evaluation import predict_batch
+from .hub import RUN_FILE
 from .labels import LabelMap
 from .postprocess import DEFAULT_THRESHOLD
 
-RUN_FILE = "run.yaml"
 PROCESSOR_FILE = "preprocessor_config.json"
 REPORT_FILE = "report.csv"
 

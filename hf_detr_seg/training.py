@@ -31,7 +31,7 @@ from .data.training_data import PanopticDetrDataset, collate_fn
 from .detr_forward import run_detector, run_mask_head
 from .errors import UserInputError
 from .evaluation import evaluate_model
-from .hub import push_folder, save_model_folder
+from .hub import RUN_FILE, push_folder, save_model_folder
 from .labels import LabelMap
 from .losses import DetrCriterion, matched_query_index
 from .modeling import build_image_processor, build_model, group_of, label_map_from_config, set_trainable
@@ -42,7 +42,6 @@ DETECTOR_GROUPS = ("backbone", "input_projection", "encoder", "decoder", "class_
 STAGE_GROUPS = {1: DETECTOR_GROUPS, 2: ("mask_head",)}
 STAGE_METRIC = {1: "bbox_map", 2: "pq"}
 DEMO_DATASET = Path("outputs/demo/dataset")
-RUN_FILE = "run.yaml"
 STATE_FILE = "trainer_state.json"
 
 

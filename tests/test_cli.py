@@ -268,7 +268,7 @@ def test_saved_predictions_score_the_same_with_pq(model: Path, dataset: Path, tm
 def test_evaluate_bad_model_folder_exits_2(dataset: Path, tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     assert run_cli("evaluate", "--model", tmp_path / "empty", "--dataset-dir", dataset) == 2
-    assert f"--model {tmp_path / 'empty'}: not a DETR segmentation model folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no config.json; expected a model folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ predict

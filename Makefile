@@ -39,5 +39,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# Side-by-side timings against the references (transformers, panopticapi, 1 worker); writes benchmarks/results.{json,md}.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
 clean:
 	rm -rf outputs

@@ -1,0 +1,91 @@
+"""Side-by-side benchmarks: ours vs the reference, same run, same inputs, median of N repetitions.
+
+    python benchmarks/run.py [--only NAME ...] [--repeat N]
+
+Writes benchmarks/results.json (list of {name, ours, reference, unit, ratio}; ratio = reference / ours, higher is
+better) and benchmarks/results.md (a Markdown table for the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from rows import ROWS  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def run_row(name: str, repeat: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
+        row = ROWS[name](Path(tmp))
+        row.ours()  # warm-up (imports, caches, first-call allocations), not timed
+        row.reference()
+        ours_t, ref_t = [], []
+        for k in range(repeat):
+            # alternate the order so that neither side always runs on a warmer machine
+            if k % 2 == 0:
+                t_o, r_o = timed(row.ours)
+                t_r, r_r = timed(row.reference)
+            else:
+                t_r, r_r = timed(row.reference)
+                t_o, r_o = timed(row.ours)
+            if k == 0:
+                row.check(r_o, r_r)
+            ours_t.append(t_o)
+            ref_t.append(t_r)
+        note = getattr(row.check, "note", row.note)
+    ours, ref = statistics.median(ours_t), statistics.median(ref_t)
+    return {"name": name, "ours": round(ours, 4), "reference": round(ref, 4), "unit": row.unit,
+            "ratio": round(ref / ours, 2), "repeat": repeat, "note": note}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| benchmark | ours | reference | ratio (ref / ours) | inputs |", "|---|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| `{r['name']}` | {r['ours']:.3f} {r['unit']} | {r['reference']:.3f} {r['unit']} | "
+                     f"{r['ratio']:.2f}x | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), metavar="NAME", help=f"rows: {', '.join(ROWS)}")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per side (median reported)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    names = args.only or list(ROWS)
+    results = []
+    print(f"{'benchmark':<26}{'ours':>12}{'reference':>12}{'ratio':>9}", flush=True)
+    for name in names:
+        r = run_row(name, args.repeat)
+        results.append(r)
+        print(f"{name:<26}{r['ours']:>10.3f} {r['unit']}{r['reference']:>10.3f} {r['unit']}{r['ratio']:>8.2f}x"
+              f"   {r['note']}", flush=True)
+    if args.only:  # partial run: update those rows, keep the others
+        path = HERE / "results.json"
+        old = json.loads(path.read_text()) if path.is_file() else []
+        merged = {r["name"]: r for r in old}
+        merged.update({r["name"]: r for r in results})
+        results = [merged[n] for n in ROWS if n in merged] + [r for n, r in merged.items() if n not in ROWS]
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(markdown(results))
+    print(f"wrote {HERE / 'results.json'} and {HERE / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

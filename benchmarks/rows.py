@@ -11,13 +11,14 @@ import contextlib
 import io
 import json
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
+
+from hf_detr_seg.testing import random_panoptic_pair, transformers_reuses_ids
 
 
 @dataclass
@@ -63,16 +64,6 @@ def _panoptic_outputs(batch=8, queries=100, mask_size=(200, 200), seed=0):
     return logits, masks
 
 
-def _reuses_ids(segments_info):
-    by_id = defaultdict(list)
-    for info in segments_info:
-        by_id[info["id"]].append(info)
-    return any(
-        len({e["label_id"] for e in entries}) > 1 or (len(entries) > 1 and not all(e["was_fused"] for e in entries))
-        for entries in by_id.values()
-    )
-
-
 def postprocess_panoptic(tmp: Path) -> Row:
     import torch
     from transformers import DetrImageProcessor
@@ -103,7 +94,7 @@ def postprocess_panoptic(tmp: Path) -> Row:
         direct = 0
         for pred, ref in zip(mine, theirs):
             ref_map = void_zero(ref["segmentation"])
-            if not _reuses_ids(ref["segments_info"]):
+            if not transformers_reuses_ids(ref["segments_info"]):
                 assert torch.equal(pred.id_map, ref_map), "fused segment maps differ"
                 direct += 1
             else:
@@ -137,49 +128,6 @@ CATEGORIES = {
 }
 
 
-def _blob(rng, shape):
-    h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    ry, rx = rng.uniform(4, h / 3), rng.uniform(4, w / 3)
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-
-
-def _random_pair(rng, shape=(224, 224)):
-    """gt/pred pair as in tests/test_metrics.py `random_pair`: blobs, crowds, void, jittered predictions."""
-    cat_ids = list(CATEGORIES)
-    gt = np.zeros(shape, dtype=np.int64)
-    gt_segments = []
-    for sid in range(1, rng.integers(3, 12)):
-        cat = int(rng.choice(cat_ids))
-        gt[_blob(rng, shape)] = sid
-        crowd = int(CATEGORIES[cat]["isthing"] == 1 and rng.random() < 0.2)
-        gt_segments.append({"id": sid, "category_id": cat, "iscrowd": crowd})
-    for _ in range(rng.integers(0, 3)):
-        gt[_blob(rng, shape)] = 0
-    ids, areas = np.unique(gt, return_counts=True)
-    area_of = dict(zip(ids.tolist(), areas.tolist()))
-    gt_segments = [dict(s, area=area_of[s["id"]]) for s in gt_segments if s["id"] in area_of]
-    pred = np.zeros(shape, dtype=np.int64)
-    next_id = int(rng.choice([1, 500, 2**20]))
-    pred_cats = {}
-    for s in gt_segments:
-        mask = gt == s["id"]
-        if rng.random() < 0.15:
-            continue
-        mask = np.roll(mask, (int(rng.integers(-12, 13)), int(rng.integers(-12, 13))), axis=(0, 1))
-        pred[mask] = next_id
-        pred_cats[next_id] = s["category_id"] if rng.random() < 0.85 else int(rng.choice(cat_ids))
-        next_id += int(rng.integers(1, 4))
-    for _ in range(rng.integers(0, 4)):
-        pred[_blob(rng, shape)] = next_id
-        pred_cats[next_id] = int(rng.choice(cat_ids))
-        next_id += 1
-    present = set(np.unique(pred).tolist()) - {0}
-    pred_segments = [{"id": i, "category_id": c} for i, c in pred_cats.items() if i in present]
-    return gt, gt_segments, pred, pred_segments
-
-
 def _write_folder(root: Path, name: str, pairs, side: int) -> Path:
     from hf_detr_seg.data.panoptic import write_panoptic_png
 
@@ -202,7 +150,8 @@ def pq_compute(tmp: Path, num_images: int = 200) -> Row:
     from hf_detr_seg.metrics import pq_compute_folders
 
     rng = np.random.default_rng(0)
-    pairs = [_random_pair(rng) for _ in range(num_images)]
+    # Prediction ids from 1 up, as post-processing numbers them.
+    pairs = [random_panoptic_pair(rng, CATEGORIES, (224, 224), first_pred_ids=(1,)) for _ in range(num_images)]
     root = tmp / "pq"
     gt_json, pred_json = _write_folder(root, "gt", pairs, 0), _write_folder(root, "pred", pairs, 2)
     gt_dir, pred_dir = root / "gt", root / "pred"

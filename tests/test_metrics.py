@@ -12,6 +12,7 @@ import torch
 
 from hf_detr_seg.data.panoptic import write_panoptic_png
 from hf_detr_seg.errors import DataError
+from hf_detr_seg.testing import random_panoptic_pair
 from hf_detr_seg.metrics import (
     BoxMAP,
     PanopticQuality,
@@ -242,55 +243,8 @@ def reference_pq(pairs: list[tuple], categories: dict) -> dict:
     return results
 
 
-def _blob(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    ry, rx = rng.uniform(2, h / 3), rng.uniform(2, w / 3)
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-
-
 def random_pair(rng: np.random.Generator, shape: tuple[int, int] = (40, 56)) -> tuple:
-    """A random gt/pred pair: blobs of all categories, crowds (several per category at times), void,
-    listed-but-empty gt segments, jittered and relabelled predictions with small or large ids."""
-    cat_ids = list(CATEGORIES)
-    gt = np.zeros(shape, dtype=np.int64)
-    gt_segments = []
-    for sid in range(1, rng.integers(3, 9)):
-        cat = int(rng.choice(cat_ids))
-        gt[_blob(rng, shape)] = sid
-        crowd = int(CATEGORIES[cat]["isthing"] == 1 and rng.random() < 0.25)
-        gt_segments.append({"id": sid, "category_id": cat, "iscrowd": crowd})
-    for _ in range(rng.integers(0, 3)):
-        gt[_blob(rng, shape)] = 0
-    ids, areas = np.unique(gt, return_counts=True)
-    area_of = dict(zip(ids.tolist(), areas.tolist()))
-    gt_segments = [
-        dict(s, area=area_of.get(s["id"], 0))
-        for s in gt_segments
-        if s["id"] in area_of or rng.random() < 0.3  # sometimes a listed segment has no pixels left
-    ]
-    rng.shuffle(gt_segments)  # panopticapi keeps the last listed crowd per category: order matters
-
-    pred = np.zeros(shape, dtype=np.int64)
-    base = int(rng.choice([1, 500, 2**23]))
-    next_id = base
-    pred_cats = {}
-    for s in gt_segments:
-        mask = gt == s["id"]
-        if not mask.any() or rng.random() < 0.15:
-            continue
-        mask = np.roll(mask, (int(rng.integers(-4, 5)), int(rng.integers(-4, 5))), axis=(0, 1))
-        pred[mask] = next_id
-        pred_cats[next_id] = s["category_id"] if rng.random() < 0.85 else int(rng.choice(cat_ids))
-        next_id += int(rng.integers(1, 4))
-    for _ in range(rng.integers(0, 4)):
-        pred[_blob(rng, shape)] = next_id
-        pred_cats[next_id] = int(rng.choice(cat_ids))
-        next_id += 1
-    present = set(np.unique(pred).tolist()) - {0}
-    pred_segments = [{"id": i, "category_id": c} for i, c in pred_cats.items() if i in present]
-    return gt, gt_segments, pred, pred_segments
+    return random_panoptic_pair(rng, CATEGORIES, shape)
 
 
 def ours(pairs: list[tuple]) -> dict:

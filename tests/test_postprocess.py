@@ -11,7 +11,6 @@ and ids that never collide. The comparisons below therefore come in two kinds:
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from types import SimpleNamespace
 
 import huggingface_hub.constants
@@ -30,6 +29,7 @@ from hf_detr_seg.postprocess import (
     post_process_panoptic,
     segments_to_coco,
 )
+from hf_detr_seg.testing import transformers_reuses_ids
 
 LABELS = LabelMap.from_dict(
     {
@@ -85,17 +85,6 @@ def fused_reference(unfused: dict, stuff: set[int]) -> tuple[torch.Tensor, list[
     return lookup[void_zero(unfused["segmentation"]).long()], segments
 
 
-def reuses_ids(segments_info: list[dict]) -> bool:
-    """Whether transformers gave one id to two segments (its counter restarts at a fused segment's id)."""
-    by_id = defaultdict(list)
-    for info in segments_info:
-        by_id[info["id"]].append(info)
-    return any(
-        len({e["label_id"] for e in entries}) > 1 or (len(entries) > 1 and not all(e["was_fused"] for e in entries))
-        for entries in by_id.values()
-    )
-
-
 def first_entry_per_id(segments_info: list[dict]) -> list[dict]:
     seen: dict[int, dict] = {}
     for info in segments_info:
@@ -137,7 +126,7 @@ def compare_with_transformers(logits, masks, sizes, threshold) -> dict[str, int]
         assert_same(ours_unfused[i], void_zero(ref_unfused[i]["segmentation"]), ref_unfused[i]["segments_info"])
         assert_same(ours[i], *fused_reference(ref_unfused[i], STUFF))
         info = ref_fused[i]["segments_info"]
-        if reuses_ids(info):
+        if transformers_reuses_ids(info):
             counts["reused"] += 1
         else:
             assert_same(ours[i], void_zero(ref_fused[i]["segmentation"]), first_entry_per_id(info))
@@ -362,7 +351,7 @@ def test_ids_never_collide_where_transformers_reuses_one() -> None:
     masks = hand_masks([[(0, 8, 0, 8)], [(0, 8, 8, 16)], [(8, 16, 0, 8)], [(8, 16, 8, 16)]], (16, 16))
     (prediction,) = post_process_panoptic(logits, masks, [(16, 16)], STUFF, threshold=0.85)
     (theirs,) = reference(logits, masks, [(16, 16)], STUFF, 0.85)
-    assert reuses_ids(theirs["segments_info"]), "transformers no longer reuses ids: revisit postprocess docs"
+    assert transformers_reuses_ids(theirs["segments_info"]), "transformers no longer reuses ids: revisit postprocess docs"
     assert theirs["segmentation"][4, 12] == theirs["segmentation"][12, 12] == 2  # crack and spalling merged
     assert [(s["id"], s["label_id"]) for s in prediction.segments] == [(1, 0), (2, 1), (3, 2)]
     assert prediction.id_map[4, 4] == prediction.id_map[12, 4] == 1
@@ -474,7 +463,7 @@ def test_timing_against_transformers(model_outputs, capsys: pytest.CaptureFixtur
         ours, t_ours = _timed(lambda: post_process_panoptic(logits, masks, sizes, STUFF, threshold=DEFAULT_THRESHOLD))
         theirs, t_theirs = _timed(lambda: reference(logits, masks, sizes, STUFF, DEFAULT_THRESHOLD))
         for prediction, ref in zip(ours, theirs):  # same answer at full size too
-            if reuses_ids(ref["segments_info"]):
+            if transformers_reuses_ids(ref["segments_info"]):
                 assert_refines(prediction.id_map, void_zero(ref["segmentation"]))
             else:
                 assert_same(prediction, void_zero(ref["segmentation"]), first_entry_per_id(ref["segments_info"]))

@@ -63,6 +63,9 @@ class TrainConfig:
     eos_coef: float = LossWeights.eos_coef
     focal_alpha: float = LossWeights.focal_alpha
     focal_gamma: float = LossWeights.focal_gamma
+    # Stage 1: weight of the encoder-output class-presence loss that keeps queries from collapsing when the
+    # backbone starts from random weights (memory_supervision.py); 0 turns it off.
+    encoder_presence_weight: float = 1.0
     num_queries: int | None = None  # preset override
     backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
     eval_threshold: float = 0.85

@@ -34,6 +34,7 @@ from .evaluation import evaluate_model
 from .hub import RUN_FILE, push_folder, save_model_folder
 from .labels import LabelMap
 from .losses import DetrCriterion, matched_query_index
+from .memory_supervision import EncoderPresenceHead
 from .modeling import build_image_processor, build_model, group_of, label_map_from_config, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -52,11 +53,20 @@ class TrainingError(UserInputError):
 class StageStep(nn.Module):
     """One stage's forward + loss as a module, so accelerate/DDP sees every call go through `forward`."""
 
-    def __init__(self, model: DetrForSegmentation, criterion: DetrCriterion, stage: int) -> None:
+    def __init__(
+        self, model: DetrForSegmentation, criterion: DetrCriterion, stage: int, encoder_presence_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.stage = stage
+        # Stage 1's training-only head on the encoder output (see memory_supervision.py); never saved.
+        self.encoder_presence_weight = encoder_presence_weight
+        self.presence_head = (
+            EncoderPresenceHead(model.config.d_model, criterion.num_classes)
+            if stage == 1 and encoder_presence_weight > 0
+            else None
+        )
 
     def train(self, mode: bool = True) -> "StageStep":
         super().train(mode)
@@ -67,7 +77,13 @@ class StageStep(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, labels: list[dict]) -> dict:
         if self.stage == 1:
             detector = run_detector(self.model, pixel_values, pixel_mask)
-            return self.criterion(detector.as_loss_inputs(), labels)
+            losses = self.criterion(detector.as_loss_inputs(), labels)
+            if self.presence_head is not None:
+                canvas = tuple(pixel_values.shape[-2:])
+                presence = self.presence_head(detector.memory, detector.memory_mask, labels, canvas)
+                losses["loss_encoder_presence"] = presence
+                losses["loss"] = losses["loss"] + self.encoder_presence_weight * presence
+            return losses
         with torch.no_grad():
             detector = run_detector(self.model, pixel_values, pixel_mask)
             indices = self.criterion.match(detector.logits, detector.pred_boxes, labels)
@@ -135,9 +151,12 @@ def build_criterion(config: TrainConfig, num_classes: int) -> DetrCriterion:
     return DetrCriterion(num_classes, config.loss_weights(), losses=losses, mask_loss=config.mask_loss)
 
 
-def build_optimizer(model: DetrForSegmentation, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with DETR's two learning rates: `lr_backbone` for the backbone, `learning_rate` for the rest."""
-    backbone, rest = [], []
+def build_optimizer(
+    model: DetrForSegmentation, config: TrainConfig, extra: nn.Module | None = None
+) -> torch.optim.AdamW:
+    """AdamW with DETR's two learning rates: `lr_backbone` for the backbone, `learning_rate` for the rest
+    (which includes the parameters of `extra`, a training-only head)."""
+    backbone, rest = [], list(extra.parameters()) if extra is not None else []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (backbone if group_of(name) == "backbone" else rest).append(param)
@@ -229,7 +248,7 @@ def run(config: TrainConfig) -> dict:
     model = load_model(config, label_map)
     set_trainable(model, STAGE_GROUPS[config.stage])
     criterion = build_criterion(config, label_map.num_classes)
-    step_module = StageStep(model, criterion, config.stage)
+    step_module = StageStep(model, criterion, config.stage, config.encoder_presence_weight)
 
     train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed)
     train_loader = DataLoader(
@@ -243,7 +262,7 @@ def run(config: TrainConfig) -> dict:
         # run would see other dropout masks than the uninterrupted one.
         generator=torch.Generator().manual_seed(config.seed),
     )
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, step_module.presence_head)
     step_module, optimizer, train_loader = accelerator.prepare(step_module, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or steps_per_epoch * config.num_train_epochs
@@ -371,7 +390,10 @@ def _format_metrics(metrics: dict) -> str:
 
 
 def _log_step(accelerator, config, step: int, epoch: int, losses: dict, optimizer) -> None:
-    terms = {k: float(v.detach()) for k, v in losses.items() if k.startswith("loss") and "_" not in k[5:]}
+    # Final-layer terms only: auxiliary decoder layers' copies end in "_<layer>".
+    terms = {
+        k: float(v.detach()) for k, v in losses.items() if k.startswith("loss") and not k.rsplit("_", 1)[-1].isdigit()
+    }
     rates = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
     accelerator.print(
         f"step {step} epoch {epoch} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())

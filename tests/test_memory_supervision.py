@@ -1,0 +1,90 @@
+"""Stage 1's encoder presence loss: its targets, its masking of padded cells, and that it stops query collapse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from hf_detr_seg.config import TrainConfig
+from hf_detr_seg.data.builder import build_dataset
+from hf_detr_seg.data.panoptic import load_dataset_label_map
+from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
+from hf_detr_seg.detr_forward import run_detector
+from hf_detr_seg.memory_supervision import EncoderPresenceHead, presence_targets
+from hf_detr_seg.training import StageStep, build_criterion, build_optimizer, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_presence_targets_keep_a_one_pixel_line_and_leave_padding_empty():
+    masks = torch.zeros(2, 24, 24, dtype=torch.bool)
+    masks[0, :, 5] = True  # a 1-px vertical crack in the left column of cells
+    masks[1] = ~masks[0]  # the surface everywhere else
+    target = {"masks": masks, "class_labels": torch.tensor([0, 1])}
+    # The image covers the top-left 24 x 24 of a 32 x 32 padded canvas; a 4 x 4 grid has 8-px cells.
+    grid = presence_targets([target], num_classes=3, canvas=(32, 32), grid=(4, 4))[0]
+    assert grid.shape == (3, 4, 4)
+    assert grid[0, :3, 0].tolist() == [1, 1, 1]  # the thin line is present in every cell it crosses
+    assert grid[0, :, 1:].sum() == 0 and grid[0, 3].sum() == 0
+    assert grid[1, :3, :3].min() == 1 and grid[1, 3].sum() == 0 and grid[1, :, 3].sum() == 0  # padding: none
+    assert grid[2].sum() == 0  # a class absent from the image
+
+
+def test_presence_loss_ignores_padded_cells():
+    torch.manual_seed(0)
+    head = EncoderPresenceHead(d_model=8, num_classes=2)
+    target = {"masks": torch.ones(1, 16, 16, dtype=torch.bool), "class_labels": torch.tensor([1])}
+    memory = torch.randn(1, 8, 4, 4)
+    memory_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    memory_mask[:, :2, :2] = True
+    loss = head(memory, memory_mask, [target], canvas=(32, 32))
+    changed = memory.clone()
+    changed[..., 2:, :] = torch.randn(1, 8, 2, 4) * 10  # only padded cells differ
+    assert torch.allclose(head(changed, memory_mask, [target], canvas=(32, 32)), loss)
+    changed[..., 0, 0] += 10  # a real cell differs
+    assert not torch.allclose(head(changed, memory_mask, [target], canvas=(32, 32)), loss)
+
+
+def _query_spread_after_training(dataset: Path, presence_weight: float, steps: int) -> float:
+    """Std of the decoder output across queries on training images, after `steps` stage-1 steps."""
+    config = TrainConfig(stage=1, dataset_dir=str(dataset), image_size=128, num_queries=10,
+                         backbone_out_indices=[0, 1, 2, 3], learning_rate=2e-4, lr_backbone=2e-4,
+                         encoder_presence_weight=presence_weight)
+    torch.manual_seed(0)
+    label_map = load_dataset_label_map(dataset)
+    model = load_model(config, label_map)
+    step = StageStep(model, build_criterion(config, label_map.num_classes), 1, presence_weight)
+    optimizer = build_optimizer(model, config, step.presence_head)
+    data = PanopticDetrDataset(dataset, "train", config.image_size, augment=False)
+    loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=collate_fn,
+                        generator=torch.Generator().manual_seed(0))
+    done = 0
+    while done < steps:
+        for batch in loader:
+            losses = step(batch["pixel_values"], batch["pixel_mask"], batch["labels"])
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(step.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            done += 1
+            if done == steps:
+                break
+    val = collate_fn([data[i] for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        detector = run_detector(model, val["pixel_values"], val["pixel_mask"])
+    return detector.decoder_output.std(1).mean().item()
+
+
+@pytest.mark.slow
+def test_presence_loss_keeps_queries_apart(deepcrack_sample: Path, tmp_path: Path):
+    """On real crack photos from random weights the queries collapse onto one output (measured: std across
+    queries 0.004 after 150 steps); with the presence loss they separate (0.72)."""
+    build_dataset(deepcrack_sample / "train/images", deepcrack_sample / "train/masks",
+                  REPO / "recipes/configs/deepcrack-cpu-labels.yaml", tmp_path / "ds", val_fraction=0, progress=False)
+    without = _query_spread_after_training(tmp_path / "ds", presence_weight=0.0, steps=150)
+    with_presence = _query_spread_after_training(tmp_path / "ds", presence_weight=1.0, steps=150)
+    assert with_presence > 5 * without, (with_presence, without)

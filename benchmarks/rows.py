@@ -2,7 +2,8 @@
 
 A row is a function `setup(tmp: Path) -> Row`; `run.py` times `ours` and `reference` alternately on the same
 inputs, several repetitions, and reports the medians. `check(ours_result, reference_result)` asserts that
-both gave the same answer (run once, on the first repetition's results).
+both gave the same answer (run once, on the first repetition's results). A row with a `metric` reports
+`metric(result)` instead of the wall time (peak memory, measured by the callables in fresh processes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +21,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hf_detr_seg.testing import random_panoptic_pair, transformers_reuses_ids
+from hf_detr_seg.testing import random_blob, random_panoptic_pair, transformers_reuses_ids
+
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -29,6 +34,10 @@ class Row:
     unit: str = "s"
     note: str = ""
     cleanup: Callable[[], None] | None = None
+    # The reported quantity from a callable's result; None: its wall time.
+    metric: Callable[[Any], float] | None = None
+    # Text appended to the note from the medians (ours, reference), e.g. a throughput.
+    summary: Callable[[float, float], str] | None = None
 
 
 # ============================================================================ postprocess_panoptic
@@ -204,8 +213,202 @@ def build_dataset_2_workers(tmp: Path, num_images: int = 300, size: int = 512) -
                note=f"{num_images} demo images {size} px; reference = 1 worker")
 
 
+# ============================================================================ mask_loss_peak_memory
+MASK_CANVAS = (800, 1066)  # DETR's resize of a 4:3 photo (shortest edge 800): the padded input and target masks
+MASK_HEAD_SIZE = (200, 267)  # the mask head's output, 1/4 of the canvas as the ResNet strides round it
+MASK_BATCH, MASK_QUERIES, MASK_TARGETS = 2, 100, 20  # images, queries, targets per image
+MASK_LOGIT_RAMP = 17  # mask-head cells over which a matched logit ramps -4..+4 (~0.12 logit per input pixel)
+MASK_TERMS = ("loss_mask", "loss_dice")
+# |ours / reference - 1| allowed per term: ours computes the terms at the mask head's resolution, transformers
+# upsamples the logits bilinearly; the two differ along mask borders only (DetrCriterion's docstring).
+MASK_TOLERANCE = {"loss_mask": 0.05, "loss_dice": 0.01}
+
+
+@dataclass
+class MaskLossInputs:
+    """Stage-2 mask-loss inputs at the paper's scale (tensors; typed Any to keep torch out of module import)."""
+
+    logits: Any  # [B, Q, K+1]
+    pred_boxes: Any  # [B, Q, 4]
+    pred_masks: Any  # [B, Q, h, w] mask logits of every query, as DetrForSegmentation returns them
+    targets: list[dict[str, Any]]  # class_labels, boxes, bool masks at the canvas size (as collate_fn gives them)
+    indices: list[tuple[Any, Any]]  # the Hungarian matching of logits / pred_boxes to the targets
+
+
+def _mask_loss_inputs(seed: int = 0) -> MaskLossInputs:
+    """Random elliptic targets, and mask logits that follow each matched target with smooth borders.
+
+    Matched queries get logits ramping from -4 to +4 over about `MASK_LOGIT_RAMP` mask-head cells across the
+    target's border (a plausible, not yet sharp, prediction: the regime where DetrCriterion's docstring puts the
+    two resolutions within a few percent); unmatched queries a constant -4 (no loss reads them).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from hf_detr_seg.data.transforms import masks_to_boxes, normalized_cxcywh
+    from hf_detr_seg.losses import DetrCriterion
+
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(MASK_BATCH):
+        masks = np.stack([random_blob(rng, MASK_CANVAS) for _ in range(MASK_TARGETS)])
+        targets.append({
+            "class_labels": torch.from_numpy(rng.integers(0, NUM_CLASSES, MASK_TARGETS)),
+            "boxes": torch.from_numpy(normalized_cxcywh(masks_to_boxes(masks), *MASK_CANVAS)),
+            "masks": torch.from_numpy(masks),
+        })
+    logits = torch.randn(MASK_BATCH, MASK_QUERIES, NUM_CLASSES + 1, generator=generator)
+    pred_boxes = 0.25 + 0.5 * torch.rand(MASK_BATCH, MASK_QUERIES, 4, generator=generator)
+    indices = DetrCriterion(NUM_CLASSES).match(logits, pred_boxes, targets)  # the matcher transformers uses
+    pred_masks = torch.full((MASK_BATCH, MASK_QUERIES, *MASK_HEAD_SIZE), -4.0)
+    for b, (queries, matched) in enumerate(indices):
+        coverage = F.adaptive_avg_pool2d(targets[b]["masks"][matched, None].float(), MASK_HEAD_SIZE)
+        smooth = F.avg_pool2d(coverage, MASK_LOGIT_RAMP, 1, MASK_LOGIT_RAMP // 2, count_include_pad=False)
+        pred_masks[b, queries] = 8 * smooth[:, 0] - 4
+    return MaskLossInputs(logits, pred_boxes, pred_masks, targets, indices)
+
+
+def mask_loss_workload(side: str) -> Callable[[], dict[str, float]]:
+    """Build the inputs of one side (not measured); return its measured step, the mask loss + backward.
+
+    Ours: stage 2's call, `DetrCriterion(mask_resolution="prediction")` on the matched queries' logits only
+    ([N_matched, h, w], as `run_mask_head` returns them) with the given matching. Reference: what
+    `DetrForSegmentation(labels=...)` calls, transformers' `ForSegmentationLoss` (it rematches, selects the
+    matched queries of [B, Q, h, w] and upsamples them to the padded target size); its detection terms have no
+    gradient here, so the backward pass is the mask terms' alone on both sides.
+    """
+    from transformers import DetrConfig
+    from transformers.loss.loss_for_object_detection import ForSegmentationLoss
+
+    from hf_detr_seg.losses import DetrCriterion, matched_query_index
+
+    inputs = _mask_loss_inputs()
+    if side == "ours":
+        criterion = DetrCriterion(NUM_CLASSES, losses=("masks",), mask_resolution="prediction")
+        matched = inputs.pred_masks[matched_query_index(inputs.indices)].requires_grad_()
+
+        def step() -> dict[str, float]:
+            losses = criterion({"pred_masks": matched}, inputs.targets, inputs.indices)
+            losses["loss"].backward()
+            return {term: losses[term].item() for term in MASK_TERMS}
+
+    elif side == "reference":
+        config = DetrConfig(num_labels=NUM_CLASSES, auxiliary_loss=False)
+        pred_masks = inputs.pred_masks.requires_grad_()
+
+        def step() -> dict[str, float]:
+            loss, terms, _ = ForSegmentationLoss(
+                inputs.logits, inputs.targets, pred_masks.device, inputs.pred_boxes, pred_masks, config)
+            loss.backward()
+            return {term: terms[term].item() for term in MASK_TERMS}
+
+    else:
+        raise ValueError(f"side={side!r}: expected 'ours' or 'reference'")
+    return step
+
+
+MEMORY_WORKLOADS: dict[str, Callable[[str], Callable[[], Any]]] = {"mask_loss": mask_loss_workload}
+
+
+def measure_peak_rss(workload: str, side: str) -> dict[str, Any]:
+    """One side's peak memory, measured in a fresh process by benchmarks/peak_rss.py; its JSON report."""
+    command = [sys.executable, str(HERE / "peak_rss.py"), workload, side]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak_rss.py {workload} {side} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def mask_loss_peak_memory(tmp: Path) -> Row:
+    shape = (f"batch {MASK_BATCH}, {MASK_TARGETS} targets/image, masks {MASK_CANVAS[0]}x{MASK_CANVAS[1]}, "
+             f"logits {MASK_HEAD_SIZE[0]}x{MASK_HEAD_SIZE[1]} x {MASK_QUERIES} queries")
+
+    def check(mine: dict, theirs: dict) -> None:
+        diffs = {term: mine["result"][term] / theirs["result"][term] - 1 for term in MASK_TERMS}
+        for term, diff in diffs.items():
+            assert abs(diff) <= MASK_TOLERANCE[term], f"{term}: ours differs by {diff:+.1%} from transformers"
+        agreement = ", ".join(f"{term} {d:+.2%} (tolerance {MASK_TOLERANCE[term]:.0%})" for term, d in diffs.items())
+        check.note = (f"{shape}; peak RSS above the built inputs, fresh process per side; mask loss fwd+bwd vs "
+                      f"transformers ForSegmentationLoss; ours/ref - 1: {agreement}")
+
+    def side(name: str) -> Callable[[], dict[str, Any]]:
+        return lambda: measure_peak_rss("mask_loss", name)
+
+    return Row(side("ours"), side("reference"), check, unit="MiB", note=shape,
+               metric=lambda report: report["peak_mib"])
+
+
+# ============================================================================ train_throughput
+def train_throughput(tmp: Path, batch_size: int = 4, image_size: int = 192) -> Row:
+    """One stage-1 step (forward, backward, AdamW step) of the tiny preset on demo images, on CPU.
+
+    Ours: `StageStep(stage=1)`, the detector only (plus the encoder presence loss, as the recipe trains).
+    Reference: `DetrForSegmentation(..., labels=...)`, which also runs the mask head on every query and adds its
+    loss. Both start from the same weights (a deep copy), train
+    the same parameters (stage 1's groups, the mask head frozen) with the same optimizer, on the same batch.
+    """
+    import copy
+
+    import torch
+
+    from hf_detr_seg.config import TrainConfig
+    from hf_detr_seg.data.builder import build_dataset
+    from hf_detr_seg.data.demo import generate_demo_data
+    from hf_detr_seg.data.panoptic import load_dataset_label_map
+    from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
+    from hf_detr_seg.modeling import set_trainable
+    from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion, build_optimizer, load_model
+
+    source = generate_demo_data(tmp / "demo", num_images=batch_size + 1, size=image_size)
+    build_dataset(source / "images", source / "masks", source / "labels.yaml", tmp / "dataset",
+                  val_fraction=1 / (batch_size + 1), progress=False)
+    label_map = load_dataset_label_map(tmp / "dataset")
+    data = PanopticDetrDataset(tmp / "dataset", "train", image_size)
+    batch = collate_fn([data[i] for i in range(batch_size)])
+    config = TrainConfig(stage=1, preset="tiny", image_size=image_size, per_device_train_batch_size=batch_size)
+
+    torch.manual_seed(0)
+    model = load_model(config, label_map)  # as training builds it: auxiliary (deep supervision) losses on
+    set_trainable(model, STAGE_GROUPS[1])
+    reference_model = copy.deepcopy(model)
+    # Ours as the recipe trains: with stage 1's encoder presence loss (the reference has no such term).
+    ours_step = StageStep(model, build_criterion(config, label_map.num_classes), 1, config.encoder_presence_weight)
+    ours_step.train()
+    reference_model.train()
+    ours_optimizer = build_optimizer(model, config, ours_step.presence_head)
+    reference_optimizer = build_optimizer(reference_model, config)
+
+    def train_step(optimizer: torch.optim.Optimizer, loss_of_batch: Callable[[], torch.Tensor]) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of_batch()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def ours() -> float:
+        return train_step(ours_optimizer, lambda: ours_step(batch["pixel_values"], batch["pixel_mask"],
+                                                             batch["labels"])["loss"])
+
+    def reference() -> float:
+        return train_step(reference_optimizer, lambda: reference_model(
+            pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"]).loss)
+
+    targets = sum(len(t["class_labels"]) for t in batch["labels"])
+    shape = f"tiny preset, batch {batch_size} x {image_size} px demo images ({targets} targets), CPU, s/step"
+
+    def check(mine: float, theirs: float) -> None:
+        assert np.isfinite(mine) and np.isfinite(theirs), f"non-finite loss: ours {mine}, reference {theirs}"
+        check.note = f"{shape}; losses ours {mine:.3f} (detector), reference {theirs:.3f} (+ masks)"
+
+    return Row(ours, reference, check, unit="s", note=shape,
+               summary=lambda o, r: f"ours {batch_size / o:.1f} img/s, reference {batch_size / r:.1f} img/s")
+
+
 ROWS: dict[str, Callable[[Path], Row]] = {
     "postprocess_panoptic": postprocess_panoptic,
     "pq_compute": pq_compute,
     "build_dataset_2_workers": build_dataset_2_workers,
+    "mask_loss_peak_memory": mask_loss_peak_memory,
+    "train_throughput": train_throughput,
 }

@@ -4,6 +4,10 @@
 
 Writes benchmarks/results.json (list of {name, ours, reference, unit, ratio}; ratio = reference / ours, higher is
 better) and benchmarks/results.md (a Markdown table for the README).
+
+Rows report wall time by default; a row with a `metric` reports `metric(result)` instead (e.g. peak memory
+measured by the callable itself), and a row's `summary(ours, reference)` is appended to its note once the
+medians are known (e.g. a throughput derived from the timings).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ def timed(fn):
 def run_row(name: str, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         row = ROWS[name](Path(tmp))
-        row.ours()  # warm-up (imports, caches, first-call allocations), not timed
-        row.reference()
+        if row.metric is None:  # a row measuring its own quantity (fresh processes) needs no warm-up
+            row.ours()  # warm-up (imports, caches, first-call allocations), not timed
+            row.reference()
         ours_t, ref_t = [], []
         for k in range(repeat):
             # alternate the order so that neither side always runs on a warmer machine
@@ -44,10 +49,14 @@ def run_row(name: str, repeat: int) -> dict:
                 t_o, r_o = timed(row.ours)
             if k == 0:
                 row.check(r_o, r_r)
+            if row.metric is not None:
+                t_o, t_r = row.metric(r_o), row.metric(r_r)
             ours_t.append(t_o)
             ref_t.append(t_r)
         note = getattr(row.check, "note", row.note)
     ours, ref = statistics.median(ours_t), statistics.median(ref_t)
+    if row.summary is not None:
+        note = f"{note}; {row.summary(ours, ref)}"
     return {"name": name, "ours": round(ours, 4), "reference": round(ref, 4), "unit": row.unit,
             "ratio": round(ref / ours, 2), "repeat": repeat, "note": note}
 

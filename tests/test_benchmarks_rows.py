@@ -1,0 +1,48 @@
+"""The benchmark harness's measured-quantity rows, and the mask-loss workload at a small scale (fast)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import rows  # noqa: E402
+import run  # noqa: E402
+
+
+def test_a_metric_row_reports_its_metric_without_warm_up_and_appends_its_summary(monkeypatch):
+    calls = []
+
+    def setup(tmp: Path) -> rows.Row:
+        def side(value: float):
+            def measure() -> dict[str, float]:
+                calls.append(value)
+                return {"peak": value}
+
+            return measure
+
+        return rows.Row(side(10.0), side(40.0), lambda mine, theirs: None, unit="MiB", note="stub",
+                        metric=lambda report: report["peak"], summary=lambda o, r: f"{o:.0f} vs {r:.0f}")
+
+    monkeypatch.setitem(run.ROWS, "stub", setup)
+    result = run.run_row("stub", repeat=1)
+    assert calls == [10.0, 40.0]  # one measurement per side, no warm-up call
+    assert (result["ours"], result["reference"], result["ratio"]) == (10.0, 40.0, 4.0)
+    assert result["note"] == "stub; 10 vs 40"
+
+
+def test_mask_loss_sides_agree_on_a_small_canvas(monkeypatch):
+    monkeypatch.setattr(rows, "MASK_CANVAS", (96, 128))
+    monkeypatch.setattr(rows, "MASK_HEAD_SIZE", (24, 32))
+    monkeypatch.setattr(rows, "MASK_QUERIES", 10)
+    monkeypatch.setattr(rows, "MASK_TARGETS", 4)
+    monkeypatch.setattr(rows, "MASK_LOGIT_RAMP", 5)
+    ours, reference = rows.mask_loss_workload("ours")(), rows.mask_loss_workload("reference")()
+    for term in rows.MASK_TERMS:
+        assert ours[term] == pytest.approx(reference[term], rel=0.1), term
+    with pytest.raises(ValueError, match="side"):
+        rows.mask_loss_workload("theirs")

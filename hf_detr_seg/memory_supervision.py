@@ -11,7 +11,8 @@ pixel lies in it), keeps the output spatially informative: with it the queries s
 
 The head exists only during training: it is not part of `DetrForSegmentation`, so the saved model stays a
 plain transformers model. Multi-label presence rather than a per-cell class keeps 1-2 px cracks, which cover a
-tiny fraction of a 16 x 16 cell, as positives.
+tiny fraction of a 16 x 16 cell, as positives; the loss is balanced between cells with and without a class so
+that defects covering a few cells weigh as much as the surface around them.
 """
 
 from __future__ import annotations
@@ -53,9 +54,19 @@ class EncoderPresenceHead(nn.Module):
     def forward(
         self, memory: Tensor, memory_mask: Tensor, targets: Sequence[dict[str, Tensor]], canvas: tuple[int, int]
     ) -> Tensor:
-        """Binary cross-entropy averaged over the real (unpadded) cells of `memory` [B, d, h, w] and classes."""
+        """Class-balanced binary cross-entropy over the real (unpadded) cells of `memory` [B, d, h, w].
+
+        Per class, the mean over cells holding it and the mean over cells not holding it count half each,
+        then classes are averaged. Small defects occupy a few cells of the grid; in a plain mean over cells a
+        constant "absent" answer scores well and the encoder output collapsed anyway on the demo data (std
+        over positions 0.015 after 300 steps; balanced: 0.59 after 200).
+        """
         logits = self.classifier(memory).float()
         wanted = presence_targets(targets, self.num_classes, canvas, tuple(memory.shape[-2:])).to(logits.device)
         valid = memory_mask[:, None].to(logits.dtype)
         per_cell = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none")
-        return (per_cell * valid).sum() / (valid.sum() * self.num_classes).clamp(min=1.0)
+        halves = []
+        for selected in (wanted * valid, (1 - wanted) * valid):
+            cells = selected.sum((0, 2, 3))
+            halves.append((per_cell * selected).sum((0, 2, 3)) / cells.clamp(min=1.0))
+        return (0.5 * (halves[0] + halves[1])).mean()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from hf_detr_seg.config import TrainConfig
@@ -46,6 +47,23 @@ def test_presence_loss_ignores_padded_cells():
     assert torch.allclose(head(changed, memory_mask, [target], canvas=(32, 32)), loss)
     changed[..., 0, 0] += 10  # a real cell differs
     assert not torch.allclose(head(changed, memory_mask, [target], canvas=(32, 32)), loss)
+
+
+@pytest.mark.parametrize("cells_with_class", [1, 5, 15])
+def test_presence_loss_weighs_cells_with_and_without_a_class_equally(cells_with_class: int):
+    """A constant logit scores the same however few cells hold the class: a rare defect is not outvoted."""
+    head = EncoderPresenceHead(d_model=1, num_classes=1)
+    with torch.no_grad():
+        head.classifier.weight.zero_()
+        head.classifier.bias.fill_(0.7)
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks.view(-1)[:cells_with_class] = True
+    target = {"masks": masks, "class_labels": torch.tensor([0])}
+    loss = head(torch.zeros(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), [target], canvas=(4, 4))
+    logit = torch.tensor(0.7)
+    expected = 0.5 * (F.binary_cross_entropy_with_logits(logit, torch.tensor(1.0))
+                      + F.binary_cross_entropy_with_logits(logit, torch.tensor(0.0)))
+    assert torch.allclose(loss, expected)
 
 
 def _query_spread_after_training(dataset: Path, presence_weight: float, steps: int) -> float:

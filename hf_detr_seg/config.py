@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import UserInputError
-from .losses import LossWeights
+from .losses import MASK_RESOLUTIONS, LossWeights
 
 MASK_LOSSES = ("focal", "dice", "focal+dice")
 
@@ -54,6 +54,9 @@ class TrainConfig:
     augment: bool = True
     num_workers: int = 0
     mask_loss: str = "focal+dice"
+    # Stage 2: "target" upsamples mask logits to the padded input as DETR does; "prediction" pools the targets
+    # to the mask head's resolution instead (16x less loss memory; losses.DetrCriterion).
+    mask_loss_resolution: str = "target"
     # Loss weights: defaults are DETR's, from `losses.LossWeights` (one source of truth).
     class_weight: float = LossWeights.class_weight
     bbox_weight: float = LossWeights.bbox_weight
@@ -76,6 +79,10 @@ class TrainConfig:
             raise UserInputError(f"stage: expected 1 or 2, got {self.stage!r}")
         if self.mask_loss not in MASK_LOSSES:
             raise UserInputError(f"--mask_loss: expected one of {list(MASK_LOSSES)}, got {self.mask_loss!r}")
+        if self.mask_loss_resolution not in MASK_RESOLUTIONS:
+            raise UserInputError(
+                f"--mask_loss_resolution: expected one of {list(MASK_RESOLUTIONS)}, got {self.mask_loss_resolution!r}"
+            )
         if self.output_dir is None:
             self.output_dir = f"outputs/stage{self.stage}"
         if self.stage == 2 and self.model_name_or_path is None:

@@ -339,7 +339,61 @@ def mask_loss_peak_memory(tmp: Path) -> Row:
                metric=lambda report: report["peak_mib"])
 
 
-# ============================================================================ train_throughput
+# ============================================================================ train_throughput, stage2_step_time
+@dataclass
+class TinyTrainingSetup:
+    """What both training-step rows share: one demo batch and a fresh tiny-preset model (typed Any: no torch
+    at module import)."""
+
+    batch: dict[str, Any]  # collate_fn's pixel_values, pixel_mask, labels
+    num_classes: int
+    model: Any  # DetrForSegmentation as stage-1 training builds it (auxiliary losses on), seed 0
+    config: Any  # the stage-1 TrainConfig that built it
+
+
+def _tiny_training_setup(tmp: Path, batch_size: int, image_size: int) -> TinyTrainingSetup:
+    """Demo images built into a dataset (one image left for the val split), one training batch, the tiny model.
+
+    The model is what a stage-1 run starts from; a stage-2 run loads a stage-1 output, which is the same
+    architecture and config (auxiliary_loss saved as True), so it serves both stages' timing.
+    """
+    import torch
+
+    from hf_detr_seg.config import TrainConfig
+    from hf_detr_seg.data.builder import build_dataset
+    from hf_detr_seg.data.demo import generate_demo_data
+    from hf_detr_seg.data.panoptic import load_dataset_label_map
+    from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
+    from hf_detr_seg.training import load_model
+
+    source = generate_demo_data(tmp / "demo", num_images=batch_size + 1, size=image_size)
+    build_dataset(source / "images", source / "masks", source / "labels.yaml", tmp / "dataset",
+                  val_fraction=1 / (batch_size + 1), progress=False)
+    label_map = load_dataset_label_map(tmp / "dataset")
+    data = PanopticDetrDataset(tmp / "dataset", "train", image_size)
+    batch = collate_fn([data[i] for i in range(batch_size)])
+    config = TrainConfig(stage=1, preset="tiny", image_size=image_size, per_device_train_batch_size=batch_size)
+    torch.manual_seed(0)
+    model = load_model(config, label_map)  # as training builds it: auxiliary (deep supervision) losses on
+    return TinyTrainingSetup(batch, label_map.num_classes, model, config)
+
+
+def _train_step(optimizer: Any, losses_of_batch: Callable[[], dict[str, Any]]) -> dict[str, float]:
+    """zero_grad, forward, backward of `loss`, optimizer step; every returned term as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = losses_of_batch()
+    losses["loss"].backward()
+    optimizer.step()
+    return {name: float(value.detach()) for name, value in losses.items()}
+
+
+def _batch_shape(setup: TinyTrainingSetup) -> str:
+    batch = setup.batch
+    targets = sum(len(t["class_labels"]) for t in batch["labels"])
+    return (f"tiny preset, batch {len(batch['labels'])} x {setup.config.image_size} px demo images "
+            f"({targets} targets), CPU, s/step")
+
+
 def train_throughput(tmp: Path, batch_size: int = 4, image_size: int = 192) -> Row:
     """One stage-1 step (forward, backward, AdamW step) of the tiny preset on demo images, on CPU.
 
@@ -350,52 +404,29 @@ def train_throughput(tmp: Path, batch_size: int = 4, image_size: int = 192) -> R
     """
     import copy
 
-    import torch
-
-    from hf_detr_seg.config import TrainConfig
-    from hf_detr_seg.data.builder import build_dataset
-    from hf_detr_seg.data.demo import generate_demo_data
-    from hf_detr_seg.data.panoptic import load_dataset_label_map
-    from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
     from hf_detr_seg.modeling import set_trainable
-    from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion, build_optimizer, load_model
+    from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion, build_optimizer
 
-    source = generate_demo_data(tmp / "demo", num_images=batch_size + 1, size=image_size)
-    build_dataset(source / "images", source / "masks", source / "labels.yaml", tmp / "dataset",
-                  val_fraction=1 / (batch_size + 1), progress=False)
-    label_map = load_dataset_label_map(tmp / "dataset")
-    data = PanopticDetrDataset(tmp / "dataset", "train", image_size)
-    batch = collate_fn([data[i] for i in range(batch_size)])
-    config = TrainConfig(stage=1, preset="tiny", image_size=image_size, per_device_train_batch_size=batch_size)
-
-    torch.manual_seed(0)
-    model = load_model(config, label_map)  # as training builds it: auxiliary (deep supervision) losses on
+    setup = _tiny_training_setup(tmp, batch_size, image_size)
+    batch, model, config = setup.batch, setup.model, setup.config
     set_trainable(model, STAGE_GROUPS[1])
     reference_model = copy.deepcopy(model)
     # Ours as the recipe trains: with stage 1's encoder presence loss (the reference has no such term).
-    ours_step = StageStep(model, build_criterion(config, label_map.num_classes), 1, config.encoder_presence_weight)
+    ours_step = StageStep(model, build_criterion(config, setup.num_classes), 1, config.encoder_presence_weight)
     ours_step.train()
     reference_model.train()
     ours_optimizer = build_optimizer(model, config, ours_step.presence_head)
     reference_optimizer = build_optimizer(reference_model, config)
 
-    def train_step(optimizer: torch.optim.Optimizer, loss_of_batch: Callable[[], torch.Tensor]) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_of_batch()
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+    inputs = {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"], "labels": batch["labels"]}
 
     def ours() -> float:
-        return train_step(ours_optimizer, lambda: ours_step(batch["pixel_values"], batch["pixel_mask"],
-                                                             batch["labels"])["loss"])
+        return _train_step(ours_optimizer, lambda: ours_step(**inputs))["loss"]
 
     def reference() -> float:
-        return train_step(reference_optimizer, lambda: reference_model(
-            pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"]).loss)
+        return _train_step(reference_optimizer, lambda: {"loss": reference_model(**inputs).loss})["loss"]
 
-    targets = sum(len(t["class_labels"]) for t in batch["labels"])
-    shape = f"tiny preset, batch {batch_size} x {image_size} px demo images ({targets} targets), CPU, s/step"
+    shape = _batch_shape(setup)
 
     def check(mine: float, theirs: float) -> None:
         assert np.isfinite(mine) and np.isfinite(theirs), f"non-finite loss: ours {mine}, reference {theirs}"
@@ -405,10 +436,90 @@ def train_throughput(tmp: Path, batch_size: int = 4, image_size: int = 192) -> R
                summary=lambda o, r: f"ours {batch_size / o:.1f} img/s, reference {batch_size / r:.1f} img/s")
 
 
+STAGE2_TOLERANCE = 1e-3  # |ours / reference - 1| per mask term: same matching, same target-resolution terms
+
+
+def stage2_step_time(tmp: Path, batch_size: int = 4, image_size: int = 192) -> Row:
+    """One stage-2 step (forward, backward, AdamW step over the mask head only) of the tiny preset, on CPU.
+
+    Ours: `StageStep(stage=2)`: the frozen detector under no_grad in eval mode, one Hungarian matching, the mask
+    head on the matched queries only, `build_criterion`'s mask terms (focal + dice, at the target resolution).
+    Reference: the naive stage 2 with transformers, `DetrForSegmentation(..., labels=...)` and its own loss,
+    with the detector in eval mode as ours (no dropout difference, so both match on the same logits and boxes);
+    it runs the mask head on every query and upsamples all of them. Its config is set so that only the mask
+    terms count where transformers allows it: `bbox_loss_coefficient = giou_loss_coefficient = 0` and
+    `auxiliary_loss = False` (else it matches and scores every decoder layer too); `loss_ce`'s weight is
+    hard-wired to 1, but the frozen logits give it no gradient path to the mask head. Both start from the same
+    weights (a deep copy) and train the mask head alone (`set_trainable(model, ("mask_head",))`) with AdamW.
+    """
+    import copy
+
+    import torch
+
+    from hf_detr_seg.config import TrainConfig
+    from hf_detr_seg.detr_forward import run_detector
+    from hf_detr_seg.modeling import set_trainable
+    from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion, build_optimizer
+
+    setup = _tiny_training_setup(tmp, batch_size, image_size)
+    batch, model = setup.batch, setup.model
+    set_trainable(model, STAGE_GROUPS[2])
+    reference_model = copy.deepcopy(model)
+    reference_model.config.update({"bbox_loss_coefficient": 0, "giou_loss_coefficient": 0, "auxiliary_loss": False})
+    # model_name_or_path is only read by load_model, which the setup replaced: the weights are the tiny preset's.
+    config = TrainConfig(stage=2, preset="tiny", image_size=image_size, per_device_train_batch_size=batch_size)
+    ours_step = StageStep(model, build_criterion(config, setup.num_classes), stage=2)
+    ours_step.train()  # the mask head in train mode, the detector in eval mode
+    reference_model.train()
+    reference_model.detr.eval()
+    ours_optimizer = build_optimizer(model, config)
+    reference_optimizer = build_optimizer(reference_model, config)
+    inputs = {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"]}
+
+    def ours() -> dict[str, float]:
+        return _train_step(ours_optimizer, lambda: ours_step(**inputs, labels=batch["labels"]))
+
+    def reference() -> dict[str, float]:
+        def losses() -> dict[str, Any]:
+            outputs = reference_model(**inputs, labels=batch["labels"])
+            return {**outputs.loss_dict, "loss": outputs.loss}
+
+        return _train_step(reference_optimizer, losses)
+
+    shape = _batch_shape(setup)
+
+    def check(mine: dict[str, float], theirs: dict[str, float]) -> None:
+        assert all(np.isfinite(list(mine.values()))), f"non-finite loss (ours): {mine}"
+        assert all(np.isfinite(list(theirs.values()))), f"non-finite loss (reference): {theirs}"
+        # The same frozen detector on both sides gives the same matching (checked on the logits and boxes).
+        with torch.no_grad():
+            ours_outputs = run_detector(model, **inputs)
+            reference_outputs = reference_model(**inputs)
+        for name in ("logits", "pred_boxes"):
+            assert torch.allclose(getattr(ours_outputs, name), getattr(reference_outputs, name), atol=1e-5), name
+        criterion = ours_step.criterion
+        same_matching = all(
+            torch.equal(a, b) for pair_a, pair_b in zip(
+                criterion.match(ours_outputs.logits, ours_outputs.pred_boxes, batch["labels"]),
+                criterion.match(reference_outputs.logits, reference_outputs.pred_boxes, batch["labels"]))
+            for a, b in zip(pair_a, pair_b))
+        assert same_matching, "the two detectors' outputs match queries to targets differently"
+        diffs = {term: mine[term] / theirs[term] - 1 for term in MASK_TERMS}
+        for term, diff in diffs.items():
+            assert abs(diff) <= STAGE2_TOLERANCE, f"{term}: ours differs by {diff:+.2e} from transformers"
+        agreement = ", ".join(f"{term} {mine[term]:.4f} ({d:+.1e})" for term, d in diffs.items())
+        check.note = (f"{shape}; {model.config.num_queries} queries, mask head trained, detector frozen; same "
+                      f"matching; ours/ref - 1: {agreement}")
+
+    return Row(ours, reference, check, unit="s", note=shape,
+               summary=lambda o, r: f"ours {o / batch_size:.3f} s/img, reference {r / batch_size:.3f} s/img")
+
+
 ROWS: dict[str, Callable[[Path], Row]] = {
     "postprocess_panoptic": postprocess_panoptic,
     "pq_compute": pq_compute,
     "build_dataset_2_workers": build_dataset_2_workers,
     "mask_loss_peak_memory": mask_loss_peak_memory,
     "train_throughput": train_throughput,
+    "stage2_step_time": stage2_step_time,
 }

@@ -3,7 +3,7 @@
     python benchmarks/run.py [--only NAME ...] [--repeat N]
 
 Writes benchmarks/results.json (list of {name, ours, reference, unit, ratio}; ratio = reference / ours, higher is
-better) and benchmarks/results.md (a Markdown table for the README).
+better), benchmarks/results.md (its Markdown table) and the same table into README.md between the bench markers.
 
 Rows report wall time by default; a row with a `metric` reports `metric(result)` instead (e.g. peak memory
 measured by the callable itself), and a row's `summary(ours, reference)` is appended to its note once the
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 sys.path.insert(0, str(HERE))
 
 from rows import ROWS  # noqa: E402
@@ -69,6 +71,15 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_readme(results: list[dict]) -> None:
+    """Replace the README's performance table (between the bench markers) with the table of `results`."""
+    text = README.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{README}: no {README_START} ... {README_END} markers around the performance table")
+    README.write_text(text[: start + len(README_START)] + "\n" + markdown(results) + text[end:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), metavar="NAME", help=f"rows: {', '.join(ROWS)}")
@@ -92,7 +103,8 @@ def main(argv=None) -> int:
         results = [merged[n] for n in ROWS if n in merged] + [r for n, r in merged.items() if n not in ROWS]
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
-    print(f"wrote {HERE / 'results.json'} and {HERE / 'results.md'}")
+    update_readme(results)
+    print(f"wrote {HERE / 'results.json'}, {HERE / 'results.md'} and the table in {README}")
     return 0
 
 

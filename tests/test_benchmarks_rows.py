@@ -46,3 +46,11 @@ def test_mask_loss_sides_agree_on_a_small_canvas(monkeypatch):
         assert ours[term] == pytest.approx(reference[term], rel=0.1), term
     with pytest.raises(ValueError, match="side"):
         rows.mask_loss_workload("theirs")
+
+
+def test_stage2_step_sides_agree_on_the_mask_terms(tmp_path: Path):
+    row = rows.stage2_step_time(tmp_path, batch_size=2, image_size=96)
+    ours, reference = row.ours(), row.reference()
+    row.check(ours, reference)  # same matching, mask terms within rows.STAGE2_TOLERANCE
+    assert {*rows.MASK_TERMS, "loss"} <= ours.keys() & reference.keys()
+    assert "same matching" in row.check.note

@@ -25,7 +25,11 @@ from torch import Tensor, nn
 
 
 def presence_targets(
-    targets: Sequence[dict[str, Tensor]], num_classes: int, canvas: tuple[int, int], grid: tuple[int, int]
+    targets: Sequence[dict[str, Tensor]],
+    num_classes: int,
+    canvas: tuple[int, int],
+    grid: tuple[int, int],
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """[B, K, h, w] floats: 1 where a cell of the `grid` over the padded `canvas` holds a pixel of class k.
 
@@ -33,10 +37,10 @@ def presence_targets(
     in no mask, so their cells count as holding no class unless another pixel of the cell does.
     """
     height, width = canvas
-    full = torch.zeros(len(targets), num_classes, height, width)
+    full = torch.zeros(len(targets), num_classes, height, width, device=device)
     for image, target in enumerate(targets):
-        masks = target["masks"].to("cpu", torch.float)
-        classes = target["class_labels"].to("cpu")
+        masks = target["masks"].to(device, torch.float)
+        classes = target["class_labels"].to(device)
         mask_height, mask_width = masks.shape[-2:]
         for k in classes.unique().tolist():
             full[image, k, :mask_height, :mask_width] = masks[classes == k].amax(0)
@@ -62,7 +66,7 @@ class EncoderPresenceHead(nn.Module):
         over positions 0.015 after 300 steps; balanced: 0.59 after 200).
         """
         logits = self.classifier(memory).float()
-        wanted = presence_targets(targets, self.num_classes, canvas, tuple(memory.shape[-2:])).to(logits.device)
+        wanted = presence_targets(targets, self.num_classes, canvas, tuple(memory.shape[-2:]), logits.device)
         valid = memory_mask[:, None].to(logits.dtype)
         per_cell = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none")
         halves = []

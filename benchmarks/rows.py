@@ -21,7 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hf_detr_seg.testing import random_blob, random_panoptic_pair, transformers_reuses_ids
+from hf_detr_seg.testing import (
+    random_blob,
+    random_panoptic_pair,
+    transformers_reuses_ids,
+    write_panoptic_folder,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -137,22 +142,6 @@ CATEGORIES = {
 }
 
 
-def _write_folder(root: Path, name: str, pairs, side: int) -> Path:
-    from hf_detr_seg.data.panoptic import write_panoptic_png
-
-    folder = root / name
-    folder.mkdir(parents=True)
-    annotations = []
-    for k, pair in enumerate(pairs):
-        file_name = f"img{k:04d}.png"
-        write_panoptic_png(folder / file_name, pair[side])
-        segments = [{key: int(v) for key, v in s.items()} for s in pair[side + 1]]
-        annotations.append({"image_id": k, "file_name": file_name, "segments_info": segments})
-    path = root / f"{name}.json"
-    path.write_text(json.dumps({"annotations": annotations, "categories": [{"id": i, **c} for i, c in CATEGORIES.items()]}))
-    return path
-
-
 def pq_compute(tmp: Path, num_images: int = 200) -> Row:
     import panopticapi.evaluation as evaluation
 
@@ -162,7 +151,8 @@ def pq_compute(tmp: Path, num_images: int = 200) -> Row:
     # Prediction ids from 1 up, as post-processing numbers them.
     pairs = [random_panoptic_pair(rng, CATEGORIES, (224, 224), first_pred_ids=(1,)) for _ in range(num_images)]
     root = tmp / "pq"
-    gt_json, pred_json = _write_folder(root, "gt", pairs, 0), _write_folder(root, "pred", pairs, 2)
+    gt_json = write_panoptic_folder(root, "gt", pairs, 0, CATEGORIES)
+    pred_json = write_panoptic_folder(root, "pred", pairs, 2, CATEGORIES)
     gt_dir, pred_dir = root / "gt", root / "pred"
 
     def ours():

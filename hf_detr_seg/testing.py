@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -60,6 +62,27 @@ def random_panoptic_pair(
     present = set(np.unique(pred).tolist()) - {0}
     pred_segments = [{"id": i, "category_id": c} for i, c in pred_cats.items() if i in present]
     return gt, gt_segments, pred, pred_segments
+
+
+def write_panoptic_folder(
+    root: Path, name: str, pairs: list[tuple], side: int, categories: dict[int, dict], image_id_offset: int = 0
+) -> Path:
+    """COCO-panoptic folder `root/name` of PNGs plus `root/name.json` for one side (0 = gt, 2 = pred) of
+    `random_panoptic_pair`s; returns the JSON path. Files are named by pair index, so gt and pred pair by name."""
+    from .data.panoptic import write_panoptic_png
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    annotations = []
+    for k, pair in enumerate(pairs):
+        file_name = f"img{k:03d}.png"
+        write_panoptic_png(folder / file_name, pair[side])
+        segments = [{key: int(v) for key, v in s.items()} for s in pair[side + 1]]
+        annotations.append({"image_id": k + image_id_offset, "file_name": file_name, "segments_info": segments})
+    path = root / f"{name}.json"
+    categories_json = [{"id": i, **c} for i, c in categories.items()]
+    path.write_text(json.dumps({"annotations": annotations, "categories": categories_json}))
+    return path
 
 
 def transformers_reuses_ids(segments_info: list[dict]) -> bool:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hf_detr_seg.data.panoptic import write_panoptic_png
 from hf_detr_seg.errors import DataError
-from hf_detr_seg.testing import random_panoptic_pair
+from hf_detr_seg.testing import random_panoptic_pair, write_panoptic_folder
 from hf_detr_seg.metrics import (
     BoxMAP,
     PanopticQuality,
@@ -274,27 +272,12 @@ def test_identical_to_panopticapi_loop_on_random_pairs():
         assert_same_as_reference(ours([pair]), reference_pq([pair], CATEGORIES))
 
 
-def write_folder(root: Path, name: str, pairs: list[tuple], side: int, image_id_offset: int = 0) -> Path:
-    """COCO-panoptic JSON + PNG folder for one side (0 = gt, 2 = pred) of `pairs`."""
-    folder = root / name
-    folder.mkdir(parents=True)
-    annotations = []
-    for k, pair in enumerate(pairs):
-        file_name = f"img{k:03d}.png"
-        write_panoptic_png(folder / file_name, pair[side])
-        segments = [{key: int(v) for key, v in s.items()} for s in pair[side + 1]]
-        annotations.append({"image_id": k + image_id_offset, "file_name": file_name, "segments_info": segments})
-    categories = [{"id": i, **c} for i, c in CATEGORIES.items()]
-    path = root / f"{name}.json"
-    path.write_text(json.dumps({"annotations": annotations, "categories": categories}))
-    return path
-
-
 def test_folders_match_in_memory_and_pair_by_file_name(tmp_path):
     rng = np.random.default_rng(1)
     pairs = [random_pair(rng) for _ in range(12)]
-    gt_json = write_folder(tmp_path, "gt", pairs, 0)
-    pred_json = write_folder(tmp_path, "pred", pairs, 2, image_id_offset=1000)  # ids differ: pair by name
+    gt_json = write_panoptic_folder(tmp_path, "gt", pairs, 0, CATEGORIES)
+    # Image ids differ between the two files: they must pair by file name.
+    pred_json = write_panoptic_folder(tmp_path, "pred", pairs, 2, CATEGORIES, image_id_offset=1000)
     result = pq_compute_folders(gt_json, None, pred_json, tmp_path / "pred")
     assert_same_as_reference(result, reference_pq(pairs, CATEGORIES))
 
@@ -302,8 +285,8 @@ def test_folders_match_in_memory_and_pair_by_file_name(tmp_path):
 def test_folders_name_the_inconsistent_png(tmp_path):
     rng = np.random.default_rng(2)
     pairs = [random_pair(rng) for _ in range(3)]
-    gt_json = write_folder(tmp_path, "gt", pairs, 0)
-    pred_json = write_folder(tmp_path, "pred", pairs, 2)
+    gt_json = write_panoptic_folder(tmp_path, "gt", pairs, 0, CATEGORIES)
+    pred_json = write_panoptic_folder(tmp_path, "pred", pairs, 2, CATEGORIES)
     data = json.loads(pred_json.read_text())
     data["annotations"][1]["segments_info"].append({"id": 99, "category_id": 1})
     pred_json.write_text(json.dumps(data))
@@ -320,8 +303,8 @@ def test_same_as_installed_panopticapi(tmp_path):
     import panopticapi.evaluation as evaluation
     rng = np.random.default_rng(3)
     pairs = [random_pair(rng) for _ in range(30)]
-    gt_json = write_folder(tmp_path, "gt", pairs, 0)
-    pred_json = write_folder(tmp_path, "pred", pairs, 2)
+    gt_json = write_panoptic_folder(tmp_path, "gt", pairs, 0, CATEGORIES)
+    pred_json = write_panoptic_folder(tmp_path, "pred", pairs, 2, CATEGORIES)
     gt_data, pred_data = json.loads(gt_json.read_text()), json.loads(pred_json.read_text())
     annotation_set = list(zip(gt_data["annotations"], pred_data["annotations"]))
     categories = {c["id"]: c for c in gt_data["categories"]}

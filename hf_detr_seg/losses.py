@@ -9,8 +9,11 @@ Why not `DetrForSegmentation(labels=...)`'s own loss (transformers 5, `loss/loss
   divides once (`_num_boxes` below).
 - It rematches and runs the mask head on every query; stage 2 matches once and runs the mask head on the
   matched queries only, so the criterion must accept given `indices` and matched-only `pred_masks`.
-- It upsamples mask logits to the padded input size (N x H x W floats plus their gradient); the
-  `mask_resolution="prediction"` path computes the mask terms at the head's 1/4 resolution instead.
+- It upsamples every matched mask's logits to the padded input size at once and keeps all the loss
+  intermediates for the backward pass (about 10 tensors of N x H x W floats: 1.5 GiB for 40 masks at 800 px).
+  Ours computes the same terms a chunk of masks at a time under activation checkpointing (`loss_masks`), so
+  memory holds one chunk; the opt-in `mask_resolution="prediction"` path computes them at the head's 1/4
+  resolution instead.
 
 What we reuse from transformers, unchanged: `HungarianMatcher` (the scipy Hungarian matching of DETR's
 `models/matcher.py`; we only add the all-empty-batch case it cannot reshape) and the box utilities
@@ -32,18 +35,23 @@ matching, suffixed `_0`, `_1`, ...; never masks (DETR computes no intermediate m
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_for_object_detection import HungarianMatcher, generalized_box_iou
 
 LOSS_TERMS = ("labels", "boxes", "masks", "cardinality")
 MASK_LOSSES = ("focal", "dice", "focal+dice")
 MASK_RESOLUTIONS = ("target", "prediction")
+# Canvas pixels of matched masks computed at once (16 MiB per float32 intermediate): larger batches are split
+# into chunks of masks under activation checkpointing. 800 x 1066 DETR canvases: 4 masks a chunk.
+MASK_CHUNK_PIXELS = 1 << 22
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -78,10 +86,8 @@ class LossWeights:
         }
 
 
-def sigmoid_focal_loss(
-    logits: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25, gamma: float = 2.0
-) -> Tensor:
-    """RetinaNet's sigmoid focal loss as DETR uses it: mean over pixels, summed over masks, / `num_boxes`.
+def focal_per_mask(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """RetinaNet's sigmoid focal loss of each mask, averaged over its pixels: [N].
 
     Written as t * FL(z, 1) + (1 - t) * FL(z, 0), i.e. linear in the target t. For binary targets this is
     exactly transformers' (and DETR's) `sigmoid_focal_loss`; for a soft target t (the covered fraction of a
@@ -98,15 +104,15 @@ def sigmoid_focal_loss(
     loss_pos = alpha_pos * (1 - prob) ** gamma * F.softplus(-logits)  # target 1: -log p
     loss_neg = alpha_neg * prob**gamma * F.softplus(logits)  # target 0: -log(1 - p)
     loss = targets * loss_pos + (1 - targets) * loss_neg
-    return loss.mean(1).sum() / num_boxes
+    return loss.mean(1)
 
 
-def dice_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor | float, smooth: float = 1.0) -> Tensor:
-    """DETR's dice loss, 1 - (2|P∩T| + s) / (|P| + |T| + s) per mask, summed and divided by `num_boxes`.
+def dice_per_mask(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
+    """DETR's dice loss of each mask, 1 - (2|P∩T| + s) / (|P| + |T| + s): [N].
 
-    Identical to transformers' `dice_loss` for `smooth=1`. The smoothing constant `s` is a count of pixels, so
-    the prediction-resolution path passes `s = h*w / (H*W)`: one *target* pixel expressed in prediction cells,
-    which keeps the term equal to the target-resolution one when the masks are smooth.
+    The smoothing constant `s` is a count of pixels, so the prediction-resolution path passes `s = h*w / (H*W)`:
+    one *target* pixel expressed in prediction cells, which keeps the term equal to the target-resolution one
+    when the masks are smooth.
 
     logits, targets: [N, ...] mask logits and (possibly soft) targets in [0, 1].
     """
@@ -114,8 +120,20 @@ def dice_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor | float, smooth
     targets = targets.flatten(1)
     numerator = 2 * (probs * targets).sum(1)
     denominator = probs.sum(1) + targets.sum(1)
-    loss = 1 - (numerator + smooth) / (denominator + smooth)
-    return loss.sum() / num_boxes
+    return 1 - (numerator + smooth) / (denominator + smooth)
+
+
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """DETR's focal mask loss: `focal_per_mask` summed over masks, / `num_boxes` (= transformers' on binary
+    targets)."""
+    return focal_per_mask(logits, targets, alpha, gamma).sum() / num_boxes
+
+
+def dice_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor | float, smooth: float = 1.0) -> Tensor:
+    """DETR's dice loss: `dice_per_mask` summed over masks, / `num_boxes` (= transformers' for `smooth=1`)."""
+    return dice_per_mask(logits, targets, smooth).sum() / num_boxes
 
 
 def _num_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device | str) -> Tensor:
@@ -152,6 +170,28 @@ def _device_of(outputs: dict[str, Any]) -> torch.device:
     raise ValueError("outputs holds no tensor; expected at least one of logits, pred_boxes, pred_masks")
 
 
+def matched_mask_logits(pred_masks: Tensor, indices: Indices) -> Tensor:
+    """The matched queries' mask logits as float [N_matched, h, w], in `matched_query_index` order.
+
+    `pred_masks` is either [B, Q, h, w] (every query) or already [N_matched, h, w] (the mask head ran on the
+    matched queries only).
+    """
+    num_matched = sum(len(src) for src, _ in indices)
+    if pred_masks.dim() == 4:
+        return pred_masks[matched_query_index(indices)].float()
+    if pred_masks.dim() == 3 and pred_masks.shape[0] == num_matched:
+        return pred_masks.float()
+    raise ValueError(
+        f"pred_masks has shape {tuple(pred_masks.shape)}; expected [batch, queries, h, w] or "
+        f"[{num_matched} matched queries, h, w]"
+    )
+
+
+def _canvas(targets: Sequence[dict[str, Tensor]]) -> tuple[int, int]:
+    """The padded input size of a batch: the largest target mask height and width (DETR's nested tensor)."""
+    return max(t["masks"].shape[-2] for t in targets), max(t["masks"].shape[-1] for t in targets)
+
+
 class DetrCriterion(nn.Module):
     """DETR's set criterion: Hungarian matching, then the selected loss terms and their weighted sum.
 
@@ -168,6 +208,9 @@ class DetrCriterion(nn.Module):
             stride x stride cell) when the padded size is a multiple of h, w; the reference upsamples
             bilinearly, so the two differ only along mask borders: close for smooth logits (focal +3 %, dice
             0.1 % at 0.1 logit per pixel), the focal term drifting up as logits sharpen (+8 % at 0.2).
+        mask_chunk_pixels: how many canvas pixels of matched masks the mask terms hold at once; a batch with
+            more is computed a chunk of masks at a time with activation checkpointing (same values, a
+            fraction of the memory, one more forward of the loss in the backward pass).
     """
 
     def __init__(
@@ -178,6 +221,7 @@ class DetrCriterion(nn.Module):
         mask_loss: str = "focal+dice",
         matcher_costs: tuple[float, float, float] = (1.0, 5.0, 2.0),
         mask_resolution: str = "target",
+        mask_chunk_pixels: int = MASK_CHUNK_PIXELS,
     ) -> None:
         super().__init__()
         unknown = [term for term in losses if term not in LOSS_TERMS]
@@ -187,6 +231,8 @@ class DetrCriterion(nn.Module):
             raise ValueError(f"mask_loss={mask_loss!r}: expected one of {MASK_LOSSES}")
         if mask_resolution not in MASK_RESOLUTIONS:
             raise ValueError(f"mask_resolution={mask_resolution!r}: expected one of {MASK_RESOLUTIONS}")
+        if mask_chunk_pixels < 1:
+            raise ValueError(f"mask_chunk_pixels={mask_chunk_pixels!r}: expected a positive number of pixels")
         if len(matcher_costs) != 3:
             raise ValueError(f"matcher_costs={matcher_costs!r}: expected (class, bbox, giou)")
         self.num_classes = num_classes
@@ -194,6 +240,7 @@ class DetrCriterion(nn.Module):
         self.losses = tuple(losses)
         self.mask_loss = mask_loss
         self.mask_resolution = mask_resolution
+        self.mask_chunk_pixels = mask_chunk_pixels
         class_cost, bbox_cost, giou_cost = matcher_costs
         self.matcher = HungarianMatcher(class_cost=class_cost, bbox_cost=bbox_cost, giou_cost=giou_cost)
         empty_weight = torch.ones(num_classes + 1)
@@ -250,7 +297,8 @@ class DetrCriterion(nn.Module):
     def prepare_masks(
         self, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]], indices: Indices
     ) -> tuple[Tensor, Tensor]:
-        """Matched mask logits and their targets, both [N_matched, P] float32 at the loss resolution.
+        """Matched mask logits and their targets, both [N_matched, P] float32 at the loss resolution, in one
+        piece (what `loss_masks` computes chunk by chunk when the batch is larger than `mask_chunk_pixels`).
 
         `pred_masks` is either [B, Q, h, w] (every query; the matched ones are selected) or [N_matched, h, w]
         (the mask head ran on the matched queries only, in `matched_query_index` order). Target masks are
@@ -258,49 +306,85 @@ class DetrCriterion(nn.Module):
         then either the logits are upsampled to it (P = H*W, "target") or the targets are area-pooled to the
         logits' size (P = h*w, "prediction"). Only matched target masks are ever copied.
         """
-        num_matched = sum(len(src) for src, _ in indices)
-        if pred_masks.dim() == 4:
-            source = pred_masks[matched_query_index(indices)]
-        elif pred_masks.dim() == 3 and pred_masks.shape[0] == num_matched:
-            source = pred_masks
-        else:
-            raise ValueError(
-                f"pred_masks has shape {tuple(pred_masks.shape)}; expected [batch, queries, h, w] or "
-                f"[{num_matched} matched queries, h, w]"
-            )
-        source = source.float()
-        height = max(t["masks"].shape[-2] for t in targets)
-        width = max(t["masks"].shape[-1] for t in targets)
+        source = matched_mask_logits(pred_masks, indices)
+        pieces = [(target["masks"], tgt) for target, (_, tgt) in zip(targets, indices)]
+        return self._at_loss_resolution(source, pieces, _canvas(targets))
+
+    def _at_loss_resolution(
+        self, source: Tensor, pieces: Sequence[tuple[Tensor, Tensor]], canvas: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """`source` [n, h, w] logits and the target masks `pieces` ((masks, rows) per image, n rows in all), both
+        brought to the loss resolution and flattened: [n, P]."""
+        height, width = canvas
         low_res = tuple(source.shape[-2:])
         target_list = []
-        for target, (_, tgt) in zip(targets, indices):
-            masks = target["masks"][tgt].to(source.device, torch.float)
-            masks = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+        for masks, rows in pieces:
+            chosen = masks[rows].to(source.device, torch.float)
+            chosen = F.pad(chosen, (0, width - chosen.shape[-1], 0, height - chosen.shape[-2]))
             if self.mask_resolution == "prediction":
-                masks = F.adaptive_avg_pool2d(masks[:, None], low_res)[:, 0]  # = interpolate(mode="area")
-            target_list.append(masks)
-        target_masks = torch.cat(target_list)
+                chosen = F.adaptive_avg_pool2d(chosen[:, None], low_res)[:, 0]  # = interpolate(mode="area")
+            target_list.append(chosen)
+        target_masks = torch.cat(target_list) if target_list else source.new_zeros(0, *low_res)
         if self.mask_resolution == "target":
-            source = F.interpolate(source[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            source = F.interpolate(source[:, None], size=canvas, mode="bilinear", align_corners=False)[:, 0]
         return source.flatten(1), target_masks.flatten(1)
 
+    def _mask_terms_per_mask(
+        self, source: Tensor, pieces: Sequence[tuple[Tensor, Tensor]], canvas: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """The selected mask terms of each of the n masks of `source` [n, h, w]: {term: [n]}."""
+        logits, target = self._at_loss_resolution(source, pieces, canvas)
+        # One target pixel expressed in loss pixels: 1 at target resolution, h*w/(H*W) at prediction resolution.
+        smooth = logits.shape[-1] / (canvas[0] * canvas[1])
+        terms = {}
+        if "focal" in self.mask_loss:
+            terms["loss_mask"] = focal_per_mask(logits, target, self.weights.focal_alpha, self.weights.focal_gamma)
+        if "dice" in self.mask_loss:
+            terms["loss_dice"] = dice_per_mask(logits, target, smooth)
+        return terms
+
+    def _mask_chunks(
+        self, targets: Sequence[dict[str, Tensor]], indices: Indices, canvas: tuple[int, int]
+    ) -> list[tuple[int, int, list[tuple[Tensor, Tensor]]]]:
+        """The matched masks split into chunks of at most `mask_chunk_pixels` canvas pixels (at least one mask
+        each): (first row, end row, pieces), rows in `matched_query_index` order. One chunk when all fit."""
+        rows_per_chunk = max(1, self.mask_chunk_pixels // (canvas[0] * canvas[1]))
+        rows = [(b, j) for b, (_, tgt) in enumerate(indices) for j in tgt.tolist()]
+        if len(rows) <= rows_per_chunk:
+            return [(0, len(rows), [(target["masks"], tgt) for target, (_, tgt) in zip(targets, indices)])]
+        chunks = []
+        for first in range(0, len(rows), rows_per_chunk):
+            part = rows[first : first + rows_per_chunk]
+            pieces = [
+                (targets[b]["masks"], torch.tensor([j for _, j in group], dtype=torch.int64))
+                for b, group in itertools.groupby(part, key=lambda row: row[0])
+            ]
+            chunks.append((first, first + len(part), pieces))
+        return chunks
+
     def loss_masks(self, outputs: dict, targets: Sequence[dict], indices: Indices, num_boxes: Tensor) -> dict:
-        """Sigmoid focal and/or dice loss of matched masks, each summed over masks and / num_boxes."""
+        """Sigmoid focal and/or dice loss of matched masks, each summed over masks and / num_boxes.
+
+        A batch larger than `mask_chunk_pixels` (counted at the padded canvas) is computed a chunk of masks at
+        a time under activation checkpointing: each chunk's upsampled logits and loss intermediates are freed
+        after its forward and recomputed in the backward pass, so peak memory holds one chunk instead of
+        every matched mask at full size. Every mask's term is computed by the same operations either way; only
+        the order of the final sum over masks differs (float rounding).
+        """
         if "pred_masks" not in outputs:
             raise KeyError("losses include 'masks' but outputs has no 'pred_masks'")
-        source, target = self.prepare_masks(outputs["pred_masks"], targets, indices)
-        # One target pixel expressed in loss pixels: 1 at target resolution, h*w/(H*W) at prediction resolution.
-        height = max(t["masks"].shape[-2] for t in targets)
-        width = max(t["masks"].shape[-1] for t in targets)
-        smooth = source.shape[-1] / (height * width)
-        losses = {}
-        if "focal" in self.mask_loss:
-            losses["loss_mask"] = sigmoid_focal_loss(
-                source, target, num_boxes, alpha=self.weights.focal_alpha, gamma=self.weights.focal_gamma
-            )
-        if "dice" in self.mask_loss:
-            losses["loss_dice"] = dice_loss(source, target, num_boxes, smooth=smooth)
-        return losses
+        source = matched_mask_logits(outputs["pred_masks"], indices)
+        canvas = _canvas(targets)
+        chunks = self._mask_chunks(targets, indices, canvas)
+        if len(chunks) == 1:
+            per_mask = self._mask_terms_per_mask(source, chunks[0][2], canvas)
+        else:
+            parts = [
+                checkpoint(self._mask_terms_per_mask, source[first:end], pieces, canvas, use_reentrant=False)
+                for first, end, pieces in chunks
+            ]
+            per_mask = {term: torch.cat([part[term] for part in parts]) for term in parts[0]}
+        return {term: values.sum() / num_boxes for term, values in per_mask.items()}
 
     # ---------------------------------------------------------------------------------------------- forward
     def _terms(self, outputs: dict, targets: Sequence[dict], indices: Indices, num_boxes: Tensor, aux: bool) -> dict:

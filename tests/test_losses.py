@@ -306,6 +306,71 @@ def test_given_indices_are_used() -> None:
     # but a shifted matching of random boxes is worse on these seeds; mostly this proves `indices` is used
 
 
+# ------------------------------------------------------------------------------------------ chunked mask terms
+def _saved_bytes(fn) -> tuple[object, int]:
+    """fn()'s result and the bytes of every tensor autograd saved for the backward pass while it ran
+    (a deterministic proxy of the memory a loss holds between forward and backward)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return result, total
+
+
+@pytest.mark.parametrize("resolution", ["target", "prediction"])
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 4])
+def test_chunked_mask_terms_equal_one_piece(resolution: str, rows_per_chunk: int) -> None:
+    """Chunks of 1, 2 or 4 masks (crossing image borders, an empty image, unequal sizes) give the same terms and
+    the same gradient as computing every matched mask at once."""
+    outputs, targets = _batch((3, 0, 4), sizes=[(H, W), (H, W), (H - 5, W - 9)], grad=True)
+    whole = DetrCriterion(K, losses=("masks",), mask_resolution=resolution)
+    chunked = DetrCriterion(K, losses=("masks",), mask_resolution=resolution, mask_chunk_pixels=rows_per_chunk * H * W)
+    indices = whole.match(outputs["logits"], outputs["pred_boxes"], targets)
+    assert len(chunked._mask_chunks(targets, indices, (H, W))) == math.ceil(7 / rows_per_chunk)
+    assert len(whole._mask_chunks(targets, indices, (H, W))) == 1
+
+    results = {}
+    for name, criterion in (("whole", whole), ("chunked", chunked)):
+        losses = criterion(outputs, targets, indices)
+        (grad,) = torch.autograd.grad(losses["loss"], outputs["pred_masks"])
+        results[name] = (losses, grad)
+    for term in ("loss_mask", "loss_dice", "loss"):
+        assert results["chunked"][0][term].item() == pytest.approx(results["whole"][0][term].item(), rel=1e-6), term
+    torch.testing.assert_close(results["chunked"][1], results["whole"][1], rtol=1e-5, atol=1e-8)
+    assert results["whole"][1].abs().sum() > 0
+
+
+def test_chunked_mask_terms_equal_transformers_and_hold_less_memory() -> None:
+    """At 8 masks of 128 x 160 px, chunks of one mask match transformers' loss and keep < 1/4 of the bytes its
+    backward pass holds (the full path keeps every upsampled mask's intermediates)."""
+    big_h, big_w = 4 * H, 4 * W
+    outputs, targets = _batch((5, 3), sizes=[(big_h, big_w)] * 2, num_aux=0, grad=True)
+    outputs["pred_masks"] = torch.randn(2, Q, big_h // 4, big_w // 4, requires_grad=True)
+    config = DetrConfig(num_labels=K, auxiliary_loss=False)
+    chunked = DetrCriterion(K, losses=("labels", "boxes", "masks"), mask_chunk_pixels=big_h * big_w)
+
+    ours, ours_bytes = _saved_bytes(lambda: chunked(outputs, targets))
+    (ref_loss, ref_dict), ref_bytes = _saved_bytes(
+        lambda: hf_loss.ForSegmentationLoss(outputs["logits"], targets, "cpu", outputs["pred_boxes"],
+                                            outputs["pred_masks"], config)[:2])
+    for term in ("loss_mask", "loss_dice"):
+        assert ours[term].item() == pytest.approx(ref_dict[term].item(), rel=1e-5), term
+    (ours_grad,) = torch.autograd.grad(ours["loss_mask"] + ours["loss_dice"], outputs["pred_masks"])
+    (ref_grad,) = torch.autograd.grad(ref_dict["loss_mask"] + ref_dict["loss_dice"], outputs["pred_masks"])
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-4, atol=1e-9)
+    assert ours_bytes < ref_bytes / 4, (ours_bytes, ref_bytes)
+
+
+def test_mask_chunk_pixels_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="mask_chunk_pixels"):
+        DetrCriterion(K, mask_chunk_pixels=0)
+
+
 # ---------------------------------------------------------------------------------- prediction resolution
 def _smooth_masks(slope: float, seed: int = 0):
     """Discs at 64 x 64 and 16 x 16 mask logits that are a smooth (linear in distance) guess of them."""

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,9 @@ def _segment_positions(ids: np.ndarray, listed: np.ndarray, stride: int = 1) -> 
 
     Working in positions instead of raw ids keeps the joint (gt, pred) histogram as small as the number of
     segments, so one `bincount` replaces panopticapi's `np.unique` sort of every pixel; `stride` folds the
-    row offset of that histogram into the lookup (one pass over the pixels fewer).
+    row offset of that histogram into the lookup (one pass over the pixels fewer). Small ids go through a
+    lookup table indexed by id; large ones (e.g. panopticapi's colour-derived ids, up to 2^24) through a
+    collision-free multiplicative hash of the listed ids, checked per pixel, so both cost a few passes.
     """
     unlisted = len(listed) + 1
     top = int(ids.max()) if ids.size else 0
@@ -102,10 +106,35 @@ def _segment_positions(ids: np.ndarray, listed: np.ndarray, stride: int = 1) -> 
         inside = listed <= top
         lookup[listed[inside]] = np.flatnonzero(inside) + 1
         return (lookup * stride).take(ids)
-    keys = np.concatenate([[VOID], listed])
-    order = np.argsort(keys)
-    index = np.searchsorted(keys[order], ids).clip(max=len(keys) - 1)
-    return np.where(keys[order].take(index) == ids, order.take(index), unlisted) * stride
+    keys = np.concatenate([[VOID], listed]).astype(np.uint32)
+    slots, multiplier, bits = _perfect_hash(keys)
+    table = np.full(1 << bits, unlisted, dtype=np.intp)
+    table[slots] = np.arange(len(keys))
+    key_at = np.full(1 << bits, VOID, dtype=np.uint32)
+    key_at[slots] = keys
+    slot = _hash(ids.astype(np.uint32, copy=False), multiplier, bits)
+    position = table.take(slot)
+    position[key_at.take(slot) != ids] = unlisted  # another id in a listed id's slot
+    return position * stride
+
+
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0xD3A2646C + 1)
+
+
+def _hash(ids: np.ndarray, multiplier: int, bits: int) -> np.ndarray:
+    """Knuth's multiplicative hash of uint32 ids: the top `bits` bits of id * multiplier mod 2^32."""
+    return (ids * np.uint32(multiplier)) >> np.uint32(32 - bits)
+
+
+def _perfect_hash(keys: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(slots, multiplier, bits) such that `_hash` puts the distinct `keys` in distinct slots."""
+    bits = max(4, int(np.ceil(np.log2(2 * len(keys)))))
+    while True:
+        for multiplier in _HASH_MULTIPLIERS:
+            slots = _hash(keys, multiplier, bits)
+            if len(np.unique(slots)) == len(keys):
+                return slots, multiplier, bits
+        bits += 1
 
 
 def _unlisted_error(ids: Any, listed: np.ndarray, name: str) -> DataError:
@@ -260,7 +289,10 @@ class PanopticQuality:
 
         `gt_name` / `pred_name` name the files in error messages.
         """
-        stats = _image_stats(gt_ids, gt_segments, pred_ids, pred_segments, self._cat_index, gt_name, pred_name)
+        self._add(_image_stats(gt_ids, gt_segments, pred_ids, pred_segments, self._cat_index, gt_name, pred_name))
+
+    def _add(self, stats: _ImageStats) -> None:
+        """Add one image's statistics (images must come in a fixed order for bit-identical IoU sums)."""
         np.add.at(self._iou, stats.match_cats, stats.match_ious)  # sequential: same order as panopticapi
         self._tp += np.bincount(stats.match_cats, minlength=len(self._tp))
         self._fp += stats.fp
@@ -335,11 +367,14 @@ def pq_compute_folders(
     pred_json: str | Path | Mapping,
     pred_folder: str | Path | None,
     categories: Mapping[int, Mapping] | Sequence[Mapping] | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """PQ of a prediction folder against a COCO-panoptic gt folder (what panopticapi's `pq_compute` reads).
 
     Folders default to the JSON path without `.json`, as in panopticapi; `categories` default to the gt
     JSON's table. Ids that disagree between a PNG and its `segments_info` raise a `DataError` naming the PNG.
+    Image pairs are read and compared in `workers` threads (default: the CPU count, at most 4); the result does
+    not depend on it.
     """
     gt_data, gt_where = _load_json(gt_json)
     pred_data, pred_where = _load_json(pred_json)
@@ -353,16 +388,26 @@ def pq_compute_folders(
             raise DataError(f"{gt_where}: field `categories` missing; pass categories=")
         categories = gt_data["categories"]
     metric = PanopticQuality(categories)
-    for gt_ann, pred_ann in _pair_annotations(gt_data, pred_data, gt_where, pred_where):
+
+    def image_stats(pair: tuple[dict, dict]) -> _ImageStats:
+        gt_ann, pred_ann = pair
         gt_png, pred_png = gt_dir / gt_ann["file_name"], pred_dir / pred_ann["file_name"]
-        metric.update(
+        return _image_stats(
             read_panoptic_png(gt_png),
             gt_ann["segments_info"],
             read_panoptic_png(pred_png),
             pred_ann["segments_info"],
-            gt_name=str(gt_png),
-            pred_name=str(pred_png),
+            metric._cat_index,
+            str(gt_png),
+            str(pred_png),
         )
+
+    pairs = _pair_annotations(gt_data, pred_data, gt_where, pred_where)
+    # Threads, not processes: PNG decoding (OpenCV) and most numpy passes release the GIL, and threads start in
+    # microseconds. `map` yields in input order, so the sums are added in panopticapi's order.
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        for stats in pool.map(image_stats, pairs):
+            metric._add(stats)
     return metric.compute()
 
 

@@ -17,6 +17,7 @@ from hf_detr_seg.metrics import (
     SemanticScores,
     box_map,
     pq_compute_folders,
+    _segment_positions,
 )
 
 CATEGORIES = {
@@ -272,14 +273,29 @@ def test_identical_to_panopticapi_loop_on_random_pairs():
         assert_same_as_reference(ours([pair]), reference_pq([pair], CATEGORIES))
 
 
+@pytest.mark.parametrize("num_listed", [1, 7, 60, 300])
+def test_large_ids_map_to_segment_positions_as_a_dict_would(num_listed):
+    """The hashed path for ids beyond the lookup table (colour-derived ids up to 2^24): listed ids get their
+    position, void 0, and any other id (also one sharing a listed id's hash slot) the 'unlisted' position."""
+    rng = np.random.default_rng(num_listed)
+    listed = rng.choice(np.arange(1, 2**24), size=num_listed, replace=False)
+    others = np.setdiff1d(rng.integers(1, 2**24, size=500), listed)
+    ids = rng.choice(np.concatenate([listed, others, [0]]), size=(300, 300)).astype(np.uint32).ravel()
+    assert int(ids.max()) > 4 * ids.size  # beyond the lookup table
+    position_of = {int(i): k + 1 for k, i in enumerate(listed)}
+    expected = np.array([0 if i == 0 else position_of.get(int(i), num_listed + 1) for i in ids])
+    np.testing.assert_array_equal(_segment_positions(ids, listed, stride=3), 3 * expected)
+
+
 def test_folders_match_in_memory_and_pair_by_file_name(tmp_path):
     rng = np.random.default_rng(1)
     pairs = [random_pair(rng) for _ in range(12)]
     gt_json = write_panoptic_folder(tmp_path, "gt", pairs, 0, CATEGORIES)
     # Image ids differ between the two files: they must pair by file name.
     pred_json = write_panoptic_folder(tmp_path, "pred", pairs, 2, CATEGORIES, image_id_offset=1000)
-    result = pq_compute_folders(gt_json, None, pred_json, tmp_path / "pred")
-    assert_same_as_reference(result, reference_pq(pairs, CATEGORIES))
+    for workers in (1, 3):  # threads read and compare pairs; the sums are added in order either way
+        result = pq_compute_folders(gt_json, None, pred_json, tmp_path / "pred", workers=workers)
+        assert_same_as_reference(result, reference_pq(pairs, CATEGORIES))
 
 
 def test_folders_name_the_inconsistent_png(tmp_path):

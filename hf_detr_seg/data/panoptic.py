@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -42,11 +43,30 @@ def write_panoptic_png(path: Path, id_map: np.ndarray) -> None:
     Image.fromarray(id_to_rgb(id_map), mode="RGB").save(path, format="PNG")
 
 
+def _bgr_to_id(bgr: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit BGR(A) pixels -> segment ids (uint32), in one pass: the bytes R, G, B, 0 of each pixel are
+    read as one little-endian uint32."""
+    rgb0 = np.zeros(bgr.shape[:2] + (4,), dtype=np.uint8)
+    cv2.mixChannels([bgr], [rgb0], [2, 0, 1, 1, 0, 2])
+    return rgb0.view("<u4")[..., 0]
+
+
 def read_panoptic_png(path: Path) -> np.ndarray:
+    """A COCO-panoptic PNG as segment ids (uint32, R + 256*G + 256^2*B; 0 = void).
+
+    8-bit RGB(A) files, which every panoptic tool writes, are decoded by OpenCV (faster than PIL, and it releases
+    the GIL, so `pq_compute_folders` reads in threads); other modes (palette, grey, 16-bit) through PIL's RGB
+    conversion. Both give the same ids.
+    """
+    path = Path(path)
     try:
+        data = np.fromfile(path, dtype=np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if bgr is not None and bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] in (3, 4):
+            return _bgr_to_id(bgr)
         with Image.open(path) as img:
             return rgb_to_id(np.asarray(img.convert("RGB")))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, cv2.error) as err:
         raise DataError(f"{path}: cannot read panoptic PNG ({err})") from None
 
 

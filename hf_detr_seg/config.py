@@ -57,6 +57,10 @@ class TrainConfig:
     # Stage 2: "target" upsamples mask logits to the padded input as DETR does; "prediction" pools the targets
     # to the mask head's resolution instead (16x less loss memory; losses.DetrCriterion).
     mask_loss_resolution: str = "target"
+    # Stage 2: keep the frozen detector's outputs per image after its first batch and run only the mask head
+    # on later epochs (detector_cache.py); needs `augment: false`. Bounded by detector_cache_gib.
+    cache_detector_outputs: bool = False
+    detector_cache_gib: float = 4.0
     # Loss weights: defaults are DETR's, from `losses.LossWeights` (one source of truth).
     class_weight: float = LossWeights.class_weight
     bbox_weight: float = LossWeights.bbox_weight
@@ -83,6 +87,15 @@ class TrainConfig:
             raise UserInputError(
                 f"--mask_loss_resolution: expected one of {list(MASK_RESOLUTIONS)}, got {self.mask_loss_resolution!r}"
             )
+        if self.cache_detector_outputs and self.stage != 2:
+            raise UserInputError("--cache_detector_outputs: only stage 2 has a frozen detector to cache")
+        if self.cache_detector_outputs and self.augment:
+            raise UserInputError(
+                "--cache_detector_outputs needs --augment false: augmented images differ every epoch, so the "
+                "detector's outputs of the first epoch would be wrong for the next"
+            )
+        if self.detector_cache_gib <= 0:
+            raise UserInputError(f"--detector_cache_gib: expected a positive size, got {self.detector_cache_gib!r}")
         if self.output_dir is None:
             self.output_dir = f"outputs/stage{self.stage}"
         if self.stage == 2 and self.model_name_or_path is None:

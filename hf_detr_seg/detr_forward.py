@@ -16,17 +16,23 @@ from transformers import DetrForSegmentation
 
 
 @dataclass
-class DetectorOutputs:
-    """What the detector computed, including what the mask head needs."""
+class MaskHeadInputs:
+    """What the mask head reads from the detector (stage 2 can keep these per image: detector_cache.py)."""
 
-    logits: torch.Tensor  # [B, Q, K+1]
-    pred_boxes: torch.Tensor  # [B, Q, 4] normalised cx, cy, w, h
-    auxiliary_outputs: list[dict[str, torch.Tensor]]  # earlier decoder layers (when config.auxiliary_loss)
     decoder_output: torch.Tensor  # [B, Q, d]
     memory: torch.Tensor  # encoder output as a map [B, d, h, w]
     memory_mask: torch.Tensor  # [B, h, w] True on real pixels
     projected_features: torch.Tensor  # input projection of the last backbone level [B, d, h, w]
     fpn_features: list[torch.Tensor]  # backbone levels 3, 2, 1 (coarse to fine)
+
+
+@dataclass
+class DetectorOutputs(MaskHeadInputs):
+    """What the detector computed: its predictions and what the mask head needs."""
+
+    logits: torch.Tensor  # [B, Q, K+1]
+    pred_boxes: torch.Tensor  # [B, Q, 4] normalised cx, cy, w, h
+    auxiliary_outputs: list[dict[str, torch.Tensor]]  # earlier decoder layers (when config.auxiliary_loss)
 
     def as_loss_inputs(self) -> dict:
         return {"logits": self.logits, "pred_boxes": self.pred_boxes, "auxiliary_outputs": self.auxiliary_outputs}
@@ -73,7 +79,7 @@ def run_detector(model: DetrForSegmentation, pixel_values: torch.Tensor, pixel_m
 
 def run_mask_head(
     model: DetrForSegmentation,
-    detector: DetectorOutputs,
+    detector: MaskHeadInputs,
     batch_index: torch.Tensor | None = None,
     query_index: torch.Tensor | None = None,
 ) -> torch.Tensor:

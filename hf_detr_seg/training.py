@@ -28,12 +28,13 @@ from transformers import DetrForSegmentation
 from .config import TrainConfig
 from .data.panoptic import load_dataset_label_map, validate_dataset
 from .data.training_data import PanopticDetrDataset, collate_fn
-from .detr_forward import run_detector, run_mask_head
+from .detector_cache import DetectorCache
+from .detr_forward import MaskHeadInputs, run_detector, run_mask_head
 from .errors import UserInputError
 from .evaluation import evaluate_model
 from .hub import RUN_FILE, push_folder, save_model_folder
 from .labels import LabelMap
-from .losses import DetrCriterion, matched_query_index
+from .losses import DetrCriterion, Indices, matched_query_index
 from .memory_supervision import EncoderPresenceHead
 from .modeling import build_image_processor, build_model, group_of, label_map_from_config, set_trainable
 
@@ -54,12 +55,19 @@ class StageStep(nn.Module):
     """One stage's forward + loss as a module, so accelerate/DDP sees every call go through `forward`."""
 
     def __init__(
-        self, model: DetrForSegmentation, criterion: DetrCriterion, stage: int, encoder_presence_weight: float = 0.0
+        self,
+        model: DetrForSegmentation,
+        criterion: DetrCriterion,
+        stage: int,
+        encoder_presence_weight: float = 0.0,
+        detector_cache: DetectorCache | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.stage = stage
+        # Stage 2 only: the frozen detector's outputs per image, reused after an image's first batch.
+        self.detector_cache = detector_cache
         # Stage 1's training-only head on the encoder output (see memory_supervision.py); never saved.
         self.encoder_presence_weight = encoder_presence_weight
         self.presence_head = (
@@ -84,15 +92,30 @@ class StageStep(nn.Module):
                 losses["loss_encoder_presence"] = presence
                 losses["loss"] = losses["loss"] + self.encoder_presence_weight * presence
             return losses
-        with torch.no_grad():
-            detector = run_detector(self.model, pixel_values, pixel_mask)
-            indices = self.criterion.match(detector.logits, detector.pred_boxes, labels)
+        mask_head_inputs, indices = self._frozen_detector(pixel_values, pixel_mask, labels)
         batch_index, query_index = matched_query_index(indices)
-        masks = run_mask_head(self.model, detector, batch_index.to(pixel_values.device), query_index.to(pixel_values.device))
-        losses = self.criterion({**detector.as_loss_inputs(), "pred_masks": masks}, labels, indices)
+        device = pixel_values.device
+        masks = run_mask_head(self.model, mask_head_inputs, batch_index.to(device), query_index.to(device))
+        losses = self.criterion({"pred_masks": masks}, labels, indices)
         # Keep the mask head in the graph when a batch has no target at all (DDP expects every parameter).
         losses["loss"] = losses["loss"] + 0.0 * masks.sum()
         return losses
+
+    def _frozen_detector(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, labels: list[dict]
+    ) -> tuple[MaskHeadInputs, Indices]:
+        """Stage 2's detector outputs and Hungarian matching: from the cache when every image of the batch is
+        in it, else computed (without a graph, the detector in eval mode) and offered to the cache."""
+        if self.detector_cache is not None:
+            cached = self.detector_cache.lookup(labels)
+            if cached is not None:
+                return cached
+        with torch.no_grad():
+            detector = run_detector(self.model, pixel_values, pixel_mask)
+            indices = self.criterion.match(detector.logits, detector.pred_boxes, labels)
+        if self.detector_cache is not None:
+            self.detector_cache.store(labels, detector, indices, pixel_mask)
+        return detector, indices
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -249,7 +272,8 @@ def run(config: TrainConfig) -> dict:
     model = load_model(config, label_map)
     set_trainable(model, STAGE_GROUPS[config.stage])
     criterion = build_criterion(config, label_map.num_classes)
-    step_module = StageStep(model, criterion, config.stage, config.encoder_presence_weight)
+    detector_cache = DetectorCache(int(config.detector_cache_gib * 2**30)) if config.cache_detector_outputs else None
+    step_module = StageStep(model, criterion, config.stage, config.encoder_presence_weight, detector_cache)
 
     train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed)
     train_loader = DataLoader(
@@ -326,6 +350,8 @@ def run(config: TrainConfig) -> dict:
         metrics = _evaluate(accelerator, step_module, config, dataset_dir)
         history.append({"epoch": epoch, "step": global_step, **metrics})
         accelerator.print(f"epoch {epoch}: val {_format_metrics(metrics)}")
+        if detector_cache is not None and epoch == start_epoch:
+            accelerator.print(f"detector cache: {len(detector_cache)} images, {detector_cache.nbytes / 2**20:.1f} MiB")
         if config.with_tracking:
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
         if best is None or metrics.get(metric_name, 0.0) > best[metric_name]:

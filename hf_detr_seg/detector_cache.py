@@ -1,0 +1,153 @@
+"""Stage 2's cache of the frozen detector's outputs, one entry per training image (opt-in).
+
+Why: stage 2 trains only the mask head, for about 25 epochs, while the detector (backbone, encoder, decoder,
+class and box heads) is frozen. Without augmentation every epoch feeds the same images, so the detector would
+compute the same outputs 25 times. The cache runs it once per image and keeps what the mask head and its loss
+read: the Hungarian matching of the image's targets, the decoder output of the matched queries only, the
+encoder output and its mask, the projected last backbone level and the three finer backbone levels, each
+cropped to the image's own extent. Later epochs run the mask head alone.
+
+Exactness: when the images of a batch share one size (no padding, as with crops such as DeepCrack's or the
+demo's), the mask head reads exactly the tensors the detector computes, so losses and gradients equal the
+uncached path's. When sizes differ, each image keeps the features of the batch it was first seen in, cropped to
+its extent and zero-padded to the size of each later batch: convolutions next to the padding then read zeros
+where the uncached path reads features of padded pixels (a border effect; which padding an image gets depends
+on its batch-mates either way).
+
+Valid only for a frozen detector and fixed images: the training config refuses the cache with augmentation.
+The memory it takes is bounded by `max_bytes`; past that, further images are not cached (a warning says so)
+and batches holding them run the detector as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .detr_forward import DetectorOutputs, MaskHeadInputs
+from .losses import Indices
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    """One image's frozen detector outputs, cropped to the image's extent at each feature level."""
+
+    matching: tuple[Tensor, Tensor]  # (query indices, target indices) as the matcher returned them
+    queries: Tensor  # [n, d] decoder output of the matched queries, in matching order
+    memory: Tensor  # [d, h, w] encoder output
+    memory_mask: Tensor  # [h, w] True on real pixels
+    projected_features: Tensor  # [d, h, w]
+    fpn_features: list[Tensor]  # [c, h_l, w_l], coarse to fine
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.queries, self.memory, self.memory_mask, self.projected_features, *self.fpn_features]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _image_keys(labels: Sequence[dict[str, Tensor]]) -> list[int]:
+    try:
+        return [int(target["image_id"]) for target in labels]
+    except KeyError:
+        raise ValueError(
+            "the detector cache keys images by their target's `image_id` (PanopticDetrDataset provides it); "
+            "a target has none"
+        ) from None
+
+
+def _extent(pixel_mask: Tensor, size: Sequence[int]) -> tuple[int, int]:
+    """Rows and columns of real pixels of one image at a feature level of `size`, with the mask downsampled as
+    transformers' DETR backbone does it (nearest); padding is bottom/right, so the real part is a top-left box."""
+    mask = F.interpolate(pixel_mask[None, None].float(), size=tuple(size)).bool()[0, 0]
+    return int(mask.any(1).sum()), int(mask.any(0).sum())
+
+
+def _crop(feature: Tensor, extent: tuple[int, int]) -> Tensor:
+    """A copy (the batch's storage can be freed) of the top-left `extent` of a [C, H, W] or [H, W] map."""
+    return feature[..., : extent[0], : extent[1]].clone()
+
+
+def _pad_stack(maps: Sequence[Tensor]) -> Tensor:
+    """[C, h_i, w_i] (or [h_i, w_i]) maps -> one batch, zero- (False-) padded bottom/right to the largest."""
+    height = max(m.shape[-2] for m in maps)
+    width = max(m.shape[-1] for m in maps)
+    batch = maps[0].new_zeros(len(maps), *maps[0].shape[:-2], height, width)
+    for i, m in enumerate(maps):
+        batch[i, ..., : m.shape[-2], : m.shape[-1]] = m
+    return batch
+
+
+class DetectorCache:
+    """Frozen detector outputs and matchings per training image, keyed by the target's `image_id`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._entries: dict[int, _Entry] = {}
+        self._full = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, labels: Sequence[dict[str, Tensor]]) -> tuple[MaskHeadInputs, Indices] | None:
+        """The batch's mask-head inputs and matching from the cache, or None unless every image is cached.
+
+        The decoder output holds only the matched queries, so the returned matching numbers them 0..n-1 in each
+        image (same targets, same order as the matcher's): `matched_query_index` of it selects them.
+        """
+        keys = _image_keys(labels)
+        if not all(key in self._entries for key in keys):
+            return None
+        entries = [self._entries[key] for key in keys]
+        width = max(max(len(e.queries) for e in entries), 1)
+        decoder_output = entries[0].queries.new_zeros(len(entries), width, entries[0].queries.shape[-1])
+        for i, entry in enumerate(entries):
+            decoder_output[i, : len(entry.queries)] = entry.queries
+        inputs = MaskHeadInputs(
+            decoder_output=decoder_output,
+            memory=_pad_stack([e.memory for e in entries]),
+            memory_mask=_pad_stack([e.memory_mask for e in entries]),
+            projected_features=_pad_stack([e.projected_features for e in entries]),
+            fpn_features=[_pad_stack([e.fpn_features[level] for e in entries]) for level in range(3)],
+        )
+        indices = [(torch.arange(len(e.queries)), e.matching[1]) for e in entries]
+        return inputs, indices
+
+    def store(
+        self, labels: Sequence[dict[str, Tensor]], detector: DetectorOutputs, indices: Indices, pixel_mask: Tensor
+    ) -> None:
+        """Keep each not yet cached image of a batch the detector just ran on, within `max_bytes`."""
+        for b, key in enumerate(_image_keys(labels)):
+            if key in self._entries or self._full:
+                continue
+            entry = self._entry(detector, indices[b], pixel_mask[b], b)
+            if self.nbytes + entry.nbytes > self.max_bytes:
+                self._full = True
+                logger.warning(
+                    "detector cache full at %d images (%.2f GiB, --detector_cache_gib): batches with other "
+                    "images run the frozen detector every epoch",
+                    len(self._entries), self.nbytes / 2**30,
+                )
+                continue
+            self._entries[key] = entry
+            self.nbytes += entry.nbytes
+
+    @staticmethod
+    def _entry(detector: DetectorOutputs, matching: tuple[Tensor, Tensor], pixel_mask: Tensor, b: int) -> _Entry:
+        last_level = _extent(pixel_mask, detector.memory.shape[-2:])
+        queries, targets = matching
+        return _Entry(
+            matching=(queries.clone(), targets.clone()),
+            queries=detector.decoder_output[b, queries.to(detector.decoder_output.device)],
+            memory=_crop(detector.memory[b], last_level),
+            memory_mask=_crop(detector.memory_mask[b], last_level),
+            projected_features=_crop(detector.projected_features[b], last_level),
+            fpn_features=[_crop(f[b], _extent(pixel_mask, f.shape[-2:])) for f in detector.fpn_features],
+        )

@@ -8,15 +8,15 @@ encoder output and its mask, the projected last backbone level and the three fin
 cropped to the image's own extent. Later epochs run the mask head alone.
 
 Exactness: when the images of a batch share one size (no padding, as with crops such as DeepCrack's or the
-demo's), the mask head reads exactly the tensors the detector computes, so losses and gradients equal the
-uncached path's. When sizes differ, each image keeps the features of the batch it was first seen in, cropped to
+demo's), the mask head reads the tensors the detector computes, so losses and gradients equal the uncached
+path's (up to float rounding: the attention runs on the matched queries only). When sizes differ, each image keeps the features of the batch it was first seen in, cropped to
 its extent and zero-padded to the size of each later batch: convolutions next to the padding then read zeros
 where the uncached path reads features of padded pixels (a border effect; which padding an image gets depends
 on its batch-mates either way).
 
 Valid only for a frozen detector and fixed images: the training config refuses the cache with augmentation.
 The memory it takes is bounded by `max_bytes`; past that, further images are not cached (a warning says so)
-and batches holding them run the detector as usual.
+and the detector runs on them, and on them only, every epoch.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .detr_forward import DetectorOutputs, MaskHeadInputs
-from .losses import Indices
+from transformers import DetrForSegmentation
+
+from .detr_forward import DetectorOutputs, MaskHeadInputs, run_detector
+from .losses import DetrCriterion, Indices
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +98,51 @@ class DetectorCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, labels: Sequence[dict[str, Tensor]]) -> tuple[MaskHeadInputs, Indices] | None:
-        """The batch's mask-head inputs and matching from the cache, or None unless every image is cached.
+    def __call__(
+        self,
+        model: DetrForSegmentation,
+        criterion: DetrCriterion,
+        pixel_values: Tensor,
+        pixel_mask: Tensor,
+        labels: Sequence[dict[str, Tensor]],
+    ) -> tuple[MaskHeadInputs, Indices]:
+        """The batch's mask-head inputs and matching: cached images from the cache, the others from the frozen
+        detector (run without a graph on those images only, at the batch's size) and then cached while
+        `max_bytes` allows.
 
         The decoder output holds only the matched queries, so the returned matching numbers them 0..n-1 in each
         image (same targets, same order as the matcher's): `matched_query_index` of it selects them.
         """
         keys = _image_keys(labels)
-        if not all(key in self._entries for key in keys):
-            return None
-        entries = [self._entries[key] for key in keys]
+        missing = [b for b, key in enumerate(keys) if key not in self._entries]
+        fresh: dict[int, _Entry] = {}
+        if missing:
+            rows = torch.tensor(missing, device=pixel_values.device)
+            with torch.no_grad():
+                detector = run_detector(model, pixel_values[rows], pixel_mask[rows])
+                indices = criterion.match(detector.logits, detector.pred_boxes, [labels[b] for b in missing])
+            for j, b in enumerate(missing):
+                fresh[b] = self._entry(detector, indices[j], pixel_mask[b], j)
+                self._store(keys[b], fresh[b])
+        entries = [fresh[b] if b in fresh else self._entries[key] for b, key in enumerate(keys)]
+        return self._assemble(entries)
+
+    def _store(self, key: int, entry: _Entry) -> None:
+        if self._full:
+            return
+        if self.nbytes + entry.nbytes > self.max_bytes:
+            self._full = True
+            logger.warning(
+                "detector cache full at %d images (%.2f GiB, --detector_cache_gib): the frozen detector runs "
+                "on the other images every epoch",
+                len(self._entries), self.nbytes / 2**30,
+            )
+            return
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+
+    @staticmethod
+    def _assemble(entries: Sequence[_Entry]) -> tuple[MaskHeadInputs, Indices]:
         width = max(max(len(e.queries) for e in entries), 1)
         decoder_output = entries[0].queries.new_zeros(len(entries), width, entries[0].queries.shape[-1])
         for i, entry in enumerate(entries):
@@ -119,25 +156,6 @@ class DetectorCache:
         )
         indices = [(torch.arange(len(e.queries)), e.matching[1]) for e in entries]
         return inputs, indices
-
-    def store(
-        self, labels: Sequence[dict[str, Tensor]], detector: DetectorOutputs, indices: Indices, pixel_mask: Tensor
-    ) -> None:
-        """Keep each not yet cached image of a batch the detector just ran on, within `max_bytes`."""
-        for b, key in enumerate(_image_keys(labels)):
-            if key in self._entries or self._full:
-                continue
-            entry = self._entry(detector, indices[b], pixel_mask[b], b)
-            if self.nbytes + entry.nbytes > self.max_bytes:
-                self._full = True
-                logger.warning(
-                    "detector cache full at %d images (%.2f GiB, --detector_cache_gib): batches with other "
-                    "images run the frozen detector every epoch",
-                    len(self._entries), self.nbytes / 2**30,
-                )
-                continue
-            self._entries[key] = entry
-            self.nbytes += entry.nbytes
 
     @staticmethod
     def _entry(detector: DetectorOutputs, matching: tuple[Tensor, Tensor], pixel_mask: Tensor, b: int) -> _Entry:

@@ -104,17 +104,13 @@ class StageStep(nn.Module):
     def _frozen_detector(
         self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, labels: list[dict]
     ) -> tuple[MaskHeadInputs, Indices]:
-        """Stage 2's detector outputs and Hungarian matching: from the cache when every image of the batch is
-        in it, else computed (without a graph, the detector in eval mode) and offered to the cache."""
+        """Stage 2's detector outputs and Hungarian matching, through the cache when there is one; computed
+        without a graph (the detector is in eval mode)."""
         if self.detector_cache is not None:
-            cached = self.detector_cache.lookup(labels)
-            if cached is not None:
-                return cached
+            return self.detector_cache(self.model, self.criterion, pixel_values, pixel_mask, labels)
         with torch.no_grad():
             detector = run_detector(self.model, pixel_values, pixel_mask)
             indices = self.criterion.match(detector.logits, detector.pred_boxes, labels)
-        if self.detector_cache is not None:
-            self.detector_cache.store(labels, detector, indices, pixel_mask)
         return detector, indices
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_detr_seg import training
 from hf_detr_seg.config import TrainConfig
 from hf_detr_seg.data.panoptic import load_dataset_label_map
 from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
@@ -45,33 +44,33 @@ def _loss_and_grads(step: StageStep, batch: dict) -> tuple[dict, list[torch.Tens
     return losses, [p.grad.clone() for p in step.model.parameters() if p.requires_grad]
 
 
-def _count_detector_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = []
+@pytest.fixture
+def detector_runs(setup):
+    """The batch size of every run of the detector's backbone while a test runs."""
+    model = setup[0]
+    sizes: list[int] = []
+    hook = model.detr.model.backbone.register_forward_hook(lambda _m, inputs, _o: sizes.append(len(inputs[0])))
+    yield sizes
+    hook.remove()
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return run_detector(*args, **kwargs)
 
-    monkeypatch.setattr(training, "run_detector", counted)
-    return calls
-
-
-def test_cached_batches_equal_the_detector_and_skip_it(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_batches_equal_the_detector_and_skip_it(setup, detector_runs: list[int]) -> None:
     """Images cached from two batches, then met in a third batch of another composition: the same losses and
     mask-head gradients as the uncached path, and the detector does not run again."""
     model, label_map, data = setup
     cache = DetectorCache(max_bytes=2**30)
     cached, plain = _step(model, label_map, cache), _step(model, label_map)
-    runs = _count_detector_runs(monkeypatch)
-    for indices in ([0, 1, 2], [3, 4, 5]):
-        _loss_and_grads(cached, collate_fn([data[i] for i in indices]))
-    assert len(cache) == 6 and cache.nbytes > 0 and len(runs) == 2
+    first = collate_fn([data[i] for i in (0, 1, 2)])
+    ours, our_grads = _loss_and_grads(cached, first)  # computed, then cached
+    theirs, their_grads = _loss_and_grads(plain, first)
+    assert ours["loss"].item() == pytest.approx(theirs["loss"].item(), rel=1e-6)
+    _loss_and_grads(cached, collate_fn([data[i] for i in (3, 4, 5)]))
+    assert len(cache) == 6 and cache.nbytes > 0 and detector_runs == [3, 3, 3]
 
     mixed = collate_fn([data[i] for i in (4, 0, 5, 2)])
     ours, our_grads = _loss_and_grads(cached, mixed)
-    assert len(runs) == 2, "the detector ran for images that were all cached"
+    assert detector_runs == [3, 3, 3], "the detector ran for images that were all cached"
     theirs, their_grads = _loss_and_grads(plain, mixed)
-    assert len(runs) == 3
     for term in ("loss_mask", "loss_dice", "loss"):
         assert ours[term].item() == pytest.approx(theirs[term].item(), rel=1e-6), term
     assert theirs["loss_mask"].item() > 0
@@ -79,16 +78,22 @@ def test_cached_batches_equal_the_detector_and_skip_it(setup, monkeypatch: pytes
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
 
 
-def test_an_uncached_image_runs_the_detector_for_its_batch(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_detector_runs_on_the_uncached_images_only(setup, detector_runs: list[int]) -> None:
+    """A batch mixing cached and new images runs the detector on the new ones alone, and gives the losses and
+    gradients of the uncached path."""
     model, label_map, data = setup
     cache = DetectorCache(max_bytes=2**30)
     step = _step(model, label_map, cache)
-    runs = _count_detector_runs(monkeypatch)
     _loss_and_grads(step, collate_fn([data[0], data[1]]))
-    _loss_and_grads(step, collate_fn([data[1], data[2]]))  # data[2] is new
-    assert len(runs) == 2 and len(cache) == 3
-    _loss_and_grads(step, collate_fn([data[2], data[0]]))
-    assert len(runs) == 2
+    mixed = collate_fn([data[5], data[1], data[6], data[0]])  # 5 and 6 are new
+    ours, our_grads = _loss_and_grads(step, mixed)
+    assert detector_runs == [2, 2] and len(cache) == 4
+    theirs, their_grads = _loss_and_grads(_step(model, label_map), mixed)
+    assert ours["loss"].item() == pytest.approx(theirs["loss"].item(), rel=1e-6)
+    for mine, reference in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+    _loss_and_grads(step, collate_fn([data[6], data[0]]))
+    assert detector_runs == [2, 2, 4]
 
 
 def test_images_of_other_sizes_are_cropped_and_padded_again(setup) -> None:
@@ -104,7 +109,7 @@ def test_images_of_other_sizes_are_cropped_and_padded_again(setup) -> None:
     step = _step(model, label_map, cache)
     _loss_and_grads(step, collate_fn([data[0], small]))
     batch = collate_fn([small, data[0]])
-    inputs, indices = cache.lookup(batch["labels"])
+    inputs, indices = cache(model, step.criterion, batch["pixel_values"], batch["pixel_mask"], batch["labels"])
     with torch.no_grad():
         detector = run_detector(model, batch["pixel_values"], batch["pixel_mask"])
     for name in ("memory", "memory_mask", "projected_features"):
@@ -119,15 +124,19 @@ def test_images_of_other_sizes_are_cropped_and_padded_again(setup) -> None:
     assert torch.isfinite(losses["loss"]) and len(indices) == 2
 
 
-def test_a_full_cache_stops_growing_and_says_so(setup, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_cache_stops_growing_and_says_so(setup, detector_runs: list[int],
+                                                caplog: pytest.LogCaptureFixture) -> None:
     model, label_map, data = setup
     probe = DetectorCache(max_bytes=2**30)
     _loss_and_grads(_step(model, label_map, probe), collate_fn([data[0]]))
     cache = DetectorCache(max_bytes=int(2.5 * probe.nbytes))
+    step = _step(model, label_map, cache)
     with caplog.at_level(logging.WARNING, logger="hf_detr_seg.detector_cache"):
-        _loss_and_grads(_step(model, label_map, cache), collate_fn([data[i] for i in range(4)]))
+        _loss_and_grads(step, collate_fn([data[i] for i in range(4)]))
     assert len(cache) == 2 and cache.nbytes <= cache.max_bytes
     assert "detector cache full at 2 images" in caplog.text
+    _loss_and_grads(step, collate_fn([data[i] for i in range(4)]))
+    assert detector_runs == [1, 4, 2]  # the probe, then all four, then the two that did not fit
 
 
 def test_targets_without_image_id_are_refused(setup) -> None:

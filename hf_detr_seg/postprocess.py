@@ -156,9 +156,9 @@ def _image_segments(
         torch.maximum(winner, candidate.copy_(flags).mul_(k), out=winner)
         torch.maximum(best, weighted, out=best)
     del best, flags, candidate
-    winner = winner.view(-1).long()
+    winner = winner.view(-1)
 
-    area = torch.bincount(winner, minlength=num_kept)
+    area = torch.bincount(winner, minlength=num_kept)  # int32 in: no int64 copy of the map
     # transformers divides two int64 counts (a float32 result) and compares its `.item()` (a Python float):
     # the comparison must be made in float64, or 4/5 > 0.8 would come out differently.
     ratio = (area / original).to(torch.float64)
@@ -180,7 +180,8 @@ def _image_segments(
             fused_segment[label] = segment_id
 
     lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=device)
-    return PanopticPrediction(lookup[winner].view(height, width), segments)
+    # `take` with int64 indices is about 3x faster than indexing on CPU
+    return PanopticPrediction(lookup.take(winner.long()).view(height, width), segments)
 
 
 def segments_to_coco(prediction: PanopticPrediction, label_map: LabelMap) -> list[dict]:

@@ -83,7 +83,7 @@ def update_readme(results: list[dict]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), metavar="NAME", help=f"rows: {', '.join(ROWS)}")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per side (median reported)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions per side (median reported)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")

@@ -4,15 +4,15 @@ Why: stage 2 trains only the mask head, for about 25 epochs, while the detector 
 class and box heads) is frozen. Without augmentation every epoch feeds the same images, so the detector would
 compute the same outputs 25 times. The cache runs it once per image and keeps what the mask head and its loss
 read: the Hungarian matching of the image's targets, the decoder output of the matched queries only, the
-encoder output and its mask, the projected last backbone level and the three finer backbone levels, each
-cropped to the image's own extent. Later epochs run the mask head alone.
+encoder output, the projected last backbone level and the three finer backbone levels, each cropped to the
+image's own extent. Later epochs run the mask head alone.
 
 Exactness: when the images of a batch share one size (no padding, as with crops such as DeepCrack's or the
 demo's), the mask head reads the tensors the detector computes, so losses and gradients equal the uncached
-path's (up to float rounding: the attention runs on the matched queries only). When sizes differ, each image keeps the features of the batch it was first seen in, cropped to
-its extent and zero-padded to the size of each later batch: convolutions next to the padding then read zeros
-where the uncached path reads features of padded pixels (a border effect; which padding an image gets depends
-on its batch-mates either way).
+path's (up to float rounding: the attention runs on the matched queries only). When sizes differ, each image
+keeps the features of the batch it was first seen in, cropped to its extent and zero-padded to the size of
+each later batch: convolutions next to the padding then read zeros where the uncached path reads features of
+padded pixels (a border effect; which padding an image gets depends on its batch-mates either way).
 
 Valid only for a frozen detector and fixed images: the training config refuses the cache with augmentation.
 The memory it takes is bounded by `max_bytes`; past that, further images are not cached (a warning says so)
@@ -29,13 +29,18 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 from transformers import DetrForSegmentation
 
 from .detr_forward import DetectorOutputs, MaskHeadInputs, run_detector
 from .losses import DetrCriterion, Indices
 
 logger = logging.getLogger(__name__)
+
+
+# What an entry keeps: the decoder output of the matched queries [n, d], the encoder output [d, h, w], the
+# projected last backbone level [d, h, w] and the backbone levels the mask head fuses [c, h_l, w_l], coarse to
+# fine. (The encoder's mask is all True on the cropped extent: not kept.)
+PARTS = ("queries", "memory", "projected_features", "fpn_0", "fpn_1", "fpn_2")
 
 
 class _Entry(NamedTuple):
@@ -73,12 +78,6 @@ class _Entry(NamedTuple):
         return self.buffer.numel() * self.buffer.element_size()
 
 
-# What an entry keeps: the decoder output of the matched queries [n, d], the encoder output [d, h, w], the
-# projected last backbone level [d, h, w] and the backbone levels the mask head fuses [c, h_l, w_l], coarse to
-# fine. (The encoder's mask is all True on the cropped extent: not kept.)
-PARTS = ("queries", "memory", "projected_features", "fpn_0", "fpn_1", "fpn_2")
-
-
 def _image_keys(labels: Sequence[dict[str, Tensor]]) -> list[int]:
     try:
         return [int(target["image_id"]) for target in labels]
@@ -102,7 +101,7 @@ def _crop(feature: Tensor, extent: tuple[int, int]) -> Tensor:
 
 
 def _pad_stack(maps: Sequence[Tensor]) -> Tensor:
-    """[C, h_i, w_i] (or [h_i, w_i]) maps -> one batch, zero- (False-) padded bottom/right to the largest."""
+    """[C, h_i, w_i] maps -> one [B, C, H, W] batch, zero-padded bottom/right to the largest."""
     height = max(m.shape[-2] for m in maps)
     width = max(m.shape[-1] for m in maps)
     batch = maps[0].new_zeros(len(maps), *maps[0].shape[:-2], height, width)
@@ -170,7 +169,8 @@ class DetectorCache:
     def _assemble(entries: Sequence[_Entry]) -> tuple[MaskHeadInputs, Indices]:
         parts = [entry.parts() for entry in entries]
         queries = [p["queries"] for p in parts]
-        decoder_output = queries[0].new_zeros(len(entries), max(max(len(q) for q in queries), 1), queries[0].shape[-1])
+        most = max(max(len(q) for q in queries), 1)
+        decoder_output = queries[0].new_zeros(len(entries), most, queries[0].shape[-1])
         for i, rows in enumerate(queries):
             decoder_output[i, : len(rows)] = rows
         memory = _pad_stack([p["memory"] for p in parts])

@@ -347,7 +347,8 @@ def run(config: TrainConfig) -> dict:
         history.append({"epoch": epoch, "step": global_step, **metrics})
         accelerator.print(f"epoch {epoch}: val {_format_metrics(metrics)}")
         if detector_cache is not None and epoch == start_epoch:
-            accelerator.print(f"detector cache: {len(detector_cache)} images, {detector_cache.nbytes / 2**20:.1f} MiB")
+            size_mib = detector_cache.nbytes / 2**20
+            accelerator.print(f"detector cache: {len(detector_cache)} images, {size_mib:.1f} MiB")
         if config.with_tracking:
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
         if best is None or metrics.get(metric_name, 0.0) > best[metric_name]:

@@ -187,6 +187,11 @@ def matched_mask_logits(pred_masks: Tensor, indices: Indices) -> Tensor:
     )
 
 
+def _matched_targets(targets: Sequence[dict[str, Tensor]], indices: Indices) -> list[tuple[Tensor, Tensor]]:
+    """(target masks, matched rows) of each image: every matched target mask, in `matched_query_index` order."""
+    return [(target["masks"], tgt) for target, (_, tgt) in zip(targets, indices)]
+
+
 def _canvas(targets: Sequence[dict[str, Tensor]]) -> tuple[int, int]:
     """The padded input size of a batch: the largest target mask height and width (DETR's nested tensor)."""
     return max(t["masks"].shape[-2] for t in targets), max(t["masks"].shape[-1] for t in targets)
@@ -307,8 +312,7 @@ class DetrCriterion(nn.Module):
         logits' size (P = h*w, "prediction"). Only matched target masks are ever copied.
         """
         source = matched_mask_logits(pred_masks, indices)
-        pieces = [(target["masks"], tgt) for target, (_, tgt) in zip(targets, indices)]
-        return self._at_loss_resolution(source, pieces, _canvas(targets))
+        return self._at_loss_resolution(source, _matched_targets(targets, indices), _canvas(targets))
 
     def _at_loss_resolution(
         self, source: Tensor, pieces: Sequence[tuple[Tensor, Tensor]], canvas: tuple[int, int]
@@ -351,7 +355,7 @@ class DetrCriterion(nn.Module):
         rows_per_chunk = max(1, self.mask_chunk_pixels // (canvas[0] * canvas[1]))
         rows = [(b, j) for b, (_, tgt) in enumerate(indices) for j in tgt.tolist()]
         if len(rows) <= rows_per_chunk:
-            return [(0, len(rows), [(target["masks"], tgt) for target, (_, tgt) in zip(targets, indices)])]
+            return [(0, len(rows), _matched_targets(targets, indices))]
         chunks = []
         for first in range(0, len(rows), rows_per_chunk):
             part = rows[first : first + rows_per_chunk]

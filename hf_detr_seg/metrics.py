@@ -118,7 +118,8 @@ def _segment_positions(ids: np.ndarray, listed: np.ndarray, stride: int = 1) -> 
     return position * stride
 
 
-_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0xD3A2646C + 1)
+# Odd 32-bit constants (golden-ratio and hash-mixing ones): odd, so each multiplication is a bijection mod 2^32.
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0xD3A2646D)
 
 
 def _hash(ids: np.ndarray, multiplier: int, bits: int) -> np.ndarray:

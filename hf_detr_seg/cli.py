@@ -41,16 +41,18 @@ def cmd_build_dataset(args: argparse.Namespace) -> None:
     from .data.builder import build_dataset
     from .labels import LabelMap
 
-    images, masks, labels = args.images, args.masks, args.labels
-    if images is None and masks is None and labels is None:
+    images, masks, labels, annotations = args.images, args.masks, args.labels, args.annotations
+    if images is None and masks is None and labels is None and annotations is None:
         images, masks, labels = _ensure_demo_source()
-    elif images is None or masks is None or labels is None:
-        raise UserInputError("build-dataset: give --images, --masks and --labels together (or none for the demo data)")
+    elif images is None or labels is None or (masks is None) == (annotations is None):
+        raise UserInputError(
+            "build-dataset: give --images, --labels and either --masks or --annotations (or none for the demo data)"
+        )
     label_map = LabelMap.from_yaml(labels)
     summary = build_dataset(
         images,
         masks,
-        label_map,
+        labels,
         args.out,
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -59,9 +61,12 @@ def cmd_build_dataset(args: argparse.Namespace) -> None:
         val_images=args.val_images,
         val_masks=args.val_masks,
         progress=not args.quiet,
+        annotations=annotations,
+        annotation_format=args.annotation_format,
+        val_annotations=args.val_annotations,
     )
     print(summary.format(label_map))
-    if summary.skipped:
+    if summary.skipped or summary.dropped_objects:
         raise SystemExit(1)
 
 
@@ -146,11 +151,20 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"Uploaded {len(files)} files of {kind} folder {folder} to {url}{' (private)' if args.private else ''}")
 
 
+def cmd_export_coco(args: argparse.Namespace) -> None:
+    from .coco_export import export_dataset
+
+    counts = export_dataset(args.dataset, args.out, split=args.split, things_only=args.things_only)
+    where = f"images/{args.split}" if args.split else "images"
+    print(f"Wrote {counts['images']} images, {counts['annotations']} annotations of {args.dataset} as COCO instances "
+          f"to {args.out} (file names relative to {Path(args.dataset) / where})")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from .inference import predict_paths
 
     options = {name: getattr(args, name) for name in ("tile_size", "tile_overlap", "mm_per_pixel", "batch_size",
-                                                      "image_size")}
+                                                      "image_size", "coco_json")}
     result = predict_paths(
         args.model,
         args.inputs,
@@ -160,6 +174,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     )
     failed = result.get("failed", [])
     print(f"Predicted {result['images']} images, {result['segments']} segments; results in {result['out']}")
+    if result.get("coco_json"):
+        print(f"Wrote every predicted segment as COCO instances to {result['coco_json']} "
+              "(import it into CVAT; re-import corrections with `build-dataset --annotations`)")
     if failed:
         print(f"{len(failed)} input(s) failed:", file=sys.stderr)
         for path, message in failed:
@@ -187,6 +204,26 @@ def _ensure_demo_source() -> tuple[Path, Path, Path]:
 
 
 # --------------------------------------------------------------------------- parser
+def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
+    """The `build-dataset` command: its options are many, so they get a function of their own."""
+    build = sub.add_parser("build-dataset", help="masks or annotations + images -> COCO-panoptic dataset folder")
+    _add(build, "--images", type=Path, help="folder of images (default: the demo data)")
+    _add(build, "--masks", type=Path, help="folder of masks, file names matching the images")
+    _add(build, "--annotations", type=Path, help="instead of --masks: a COCO instances .json or a labelme folder")
+    _add(build, "--annotation-format", choices=["coco", "labelme"], help="format of --annotations (default: detected)")
+    _add(build, "--labels", type=Path, help="labels.yaml (the label map)")
+    _add(build, "--out", type=Path, required=True, help="output dataset folder")
+    _add(build, "--val-fraction", type=float, default=0.2, help="share of images put in val (0..1)")
+    _add(build, "--val-images", type=Path, help="take val from this folder instead of --val-fraction")
+    _add(build, "--val-masks", type=Path, help="masks of --val-images")
+    _add(build, "--val-annotations", type=Path, help="annotations of --val-images (with --annotations)")
+    _add(build, "--seed", type=int, default=0, help="seed of the deterministic split")
+    _add(build, "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    _add(build, "--skip-bad", action="store_true", help="skip bad files and bad annotated objects, list them, exit 1")
+    _add(build, "--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_build_dataset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-detr-seg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,19 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(demo, "--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
 
-    build = sub.add_parser("build-dataset", help="masks + images -> COCO-panoptic dataset folder")
-    _add(build, "--images", type=Path, help="folder of images (default: the demo data)")
-    _add(build, "--masks", type=Path, help="folder of masks, file names matching the images")
-    _add(build, "--labels", type=Path, help="labels.yaml (the label map)")
-    _add(build, "--out", type=Path, required=True, help="output dataset folder")
-    _add(build, "--val-fraction", type=float, default=0.2, help="share of images put in val (0..1)")
-    _add(build, "--val-images", type=Path, help="take val from this folder instead of --val-fraction")
-    _add(build, "--val-masks", type=Path, help="masks of --val-images")
-    _add(build, "--seed", type=int, default=0, help="seed of the deterministic split")
-    _add(build, "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
-    _add(build, "--skip-bad", action="store_true", help="skip bad files, list them, exit 1")
-    _add(build, "--quiet", action="store_true", help="no progress bar")
-    build.set_defaults(func=cmd_build_dataset)
+    _add_build_dataset(sub)
 
     evaluate = sub.add_parser("evaluate", help="score a model on a built dataset split (PQ, mAP, IoU, F1)")
     _add(evaluate, "--model", required=True, help="a model folder written by the recipes")
@@ -245,7 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(predict, "--mm-per-pixel", type=float, help="scale for measurements in millimetres")
     _add(predict, "--batch-size", type=int)
     _add(predict, "--image-size", type=int, help="shortest edge (default: the model's own)")
+    _add(predict, "--coco-json", type=Path, help="also write all predictions to this COCO instances file (review)")
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export-coco", help="a built dataset folder -> one COCO instances file (RLE masks)")
+    export.add_argument("dataset", type=Path)
+    export.add_argument("out", type=Path, help="the .json to write")
+    _add(export, "--split", choices=["train", "val"], help="only this split (default: all, named <split>/<file>)")
+    _add(export, "--things-only", action="store_true", help="leave stuff segments out (for detection libraries)")
+    export.set_defaults(func=cmd_export_coco)
 
     push = sub.add_parser("push", help="upload a model folder (or a built dataset folder) to the Hugging Face Hub")
     _add(push, "--model", required=True, type=Path, help="model folder (config.json) or dataset folder (labels.yaml)")

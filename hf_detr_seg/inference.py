@@ -555,6 +555,7 @@ def predict_paths(
     batch_size: int = 4,
     image_size: int | None = None,
     device: str | None = None,
+    coco_json: str | Path | None = None,
 ) -> dict:
     """Predict every image of `inputs` (files, folders, glob patterns) and write, per image, into `out_dir`:
     `<stem>_panoptic.png` (COCO-panoptic id encoding, the image's size), `<stem>.json` (segments with class,
@@ -562,9 +563,12 @@ def predict_paths(
     `report.csv` with a row per defect (every segment but the background class; columns in `_report_row`).
     Lengths, widths and `area` are in mm (mm^2) when `mm_per_pixel` is given, else pixels; boxes are pixels.
     Two inputs with the same stem get `<stem>-2`... Unreadable images are printed to stderr, listed in `failed` and
-    skipped. Returns {"images": predicted, "segments": defect segments (report rows), "failed": [(path,
-    message)], "out": out_dir}.
+    skipped. `coco_json`: also write every segment of the run (stuff included, with its score) to this one COCO
+    instances file (`coco_export`), for review in CVAT and re-import with `build-dataset --annotations`.
+    Returns {"images": predicted, "segments": defect segments (report rows), "failed": [(path, message)],
+    "out": out_dir, "coco_json": the file or None}.
     """
+    from .coco_export import CocoInstancesWriter
     from .overlay import draw_overlay, write_report_csv
 
     if mm_per_pixel is not None and not mm_per_pixel > 0:
@@ -588,6 +592,7 @@ def predict_paths(
     rows: list[dict] = []
     failed: list[tuple[str, str]] = []
     done = 0
+    coco = CocoInstancesWriter(label_map, description=f"hf-detr-seg predictions of {model_dir}") if coco_json else None
     stems = dict(zip(paths, _output_stems(paths)))
     for start in range(0, len(paths), segmenter.batch_size):
         loaded: list[tuple[Path, np.ndarray]] = []
@@ -615,9 +620,15 @@ def predict_paths(
                         **settings, "segments": segments_json}
             overlay = draw_overlay(image, result, colors, skip_labels=background)
             _write_outputs(out, stem, result.id_map, document, overlay)
+            if coco is not None:
+                coco.add(path.name, result.id_map, [{"id": s["id"], "category_id": s["category_id"],
+                                                     "score": s["score"]} for s in segments_json])
             done += 1
     write_report_csv(rows, out / REPORT_FILE)
-    return {"images": done, "segments": len(rows), "failed": failed, "out": str(out)}
+    if coco is not None:
+        coco.write(coco_json)
+    return {"images": done, "segments": len(rows), "failed": failed, "out": str(out),
+            "coco_json": str(coco_json) if coco is not None else None}
 
 
 def _report_row(path: Path, segment: Segment, measurements: dict, unit: str) -> dict:

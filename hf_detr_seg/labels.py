@@ -24,17 +24,10 @@ from .errors import UserInputError
 
 MASK_FORMATS = ("binary", "indexed", "color", "per_class_dirs")
 FIRST_NEW_COCO_ID = 201
-_TOP_KEYS = {
-    "mask_format",
-    "binary_threshold",
-    "classes",
-    "instances",
-    "ignore",
-    "ignore_colors",
-    "color_tolerance",
-    "coco_base",
-}
-_CLASS_KEYS = {"name", "isthing", "background", "value", "color", "category_id", "supercategory"}
+_TOP_KEYS = {"mask_format", "binary_threshold", "classes", "instances", "ignore", "ignore_colors", "color_tolerance",
+             "coco_base", "ignore_labels"}
+_CLASS_KEYS = {"name", "isthing", "background", "value", "color", "category_id", "supercategory", "aliases",
+               "line_width"}
 _INSTANCE_KEYS = {"connectivity", "min_area", "merge_distance"}
 # Colours given to classes without one, for overlays and the COCO `categories` table.
 _PALETTE = [
@@ -60,6 +53,8 @@ class ClassInfo:
     value: int | None = None  # indexed masks: the pixel value of this class
     supercategory: str = "defect"
     from_coco: bool = False  # one of COCO's 133 categories kept by `coco_base`
+    aliases: tuple[str, ...] = ()  # annotations: other spellings of `name` in the source files
+    line_width: float | None = None  # annotations: width in pixels of lines drawn for this class
 
 
 @dataclass(frozen=True)
@@ -73,16 +68,17 @@ class InstanceRules:
 
 @dataclass(frozen=True)
 class LabelMap:
-    """Classes in model-index order plus the rules for reading masks of one dataset."""
+    """Classes in model-index order plus the rules for reading masks (or annotations) of one dataset."""
 
     classes: tuple[ClassInfo, ...]
-    mask_format: str = "binary"
+    mask_format: str | None = "binary"  # None: not given, several classes (usable with annotations only)
     binary_threshold: int = 127
     instances: InstanceRules = field(default_factory=InstanceRules)
     ignore: tuple[int, ...] = ()
     ignore_colors: tuple[tuple[int, int, int], ...] = ()
     color_tolerance: float = 30.0
     coco_base: bool = False
+    ignore_labels: tuple[str, ...] = ()  # annotations: source labels whose objects become void
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -109,8 +105,8 @@ class LabelMap:
         unknown = set(data) - _TOP_KEYS
         if unknown:
             raise fail(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-        mask_format = data.get("mask_format", "binary")
-        if mask_format not in MASK_FORMATS:
+        mask_format = data.get("mask_format")
+        if mask_format is not None and mask_format not in MASK_FORMATS:
             raise fail(f"mask_format: {mask_format!r} is not one of {list(MASK_FORMATS)}")
         raw_classes = data.get("classes")
         if not isinstance(raw_classes, list) or not raw_classes:
@@ -121,13 +117,16 @@ class LabelMap:
             _parse_class(i, raw, mask_format, fail) for i, raw in enumerate(raw_classes)
         ]
         _check_unique(user_classes, fail)
+        ignore_labels = _parse_ignore_labels(data.get("ignore_labels", []), user_classes, fail)
         backgrounds = [c["name"] for c in user_classes if c["background"]]
         if len(backgrounds) > 1:
             raise fail(f"classes: only one class may be `background: true`, got {backgrounds}")
         if any(c["background"] and c["isthing"] for c in user_classes):
             raise fail("classes: the background class must be stuff (`isthing: false`)")
+        defects = [c["name"] for c in user_classes if not c["background"]]
+        if mask_format is None:  # masks default to binary; annotations need no mask format
+            mask_format = "binary" if len(defects) == 1 else None
         if mask_format == "binary":
-            defects = [c["name"] for c in user_classes if not c["background"]]
             if len(defects) != 1:
                 raise fail(
                     "mask_format binary: exactly one non-background class is allowed, got "
@@ -161,6 +160,7 @@ class LabelMap:
             ignore_colors=parsed_ignore_colors,
             color_tolerance=float(tolerance),
             coco_base=coco_base,
+            ignore_labels=ignore_labels,
         )
 
     # ----------------------------------------------------------------- serialisation
@@ -180,8 +180,12 @@ class LabelMap:
             entry["category_id"] = c.category_id
             if c.supercategory != "defect":
                 entry["supercategory"] = c.supercategory
+            if c.aliases:
+                entry["aliases"] = list(c.aliases)
+            if c.line_width is not None:
+                entry["line_width"] = c.line_width
             classes.append(entry)
-        out: dict[str, Any] = {"mask_format": self.mask_format}
+        out: dict[str, Any] = {} if self.mask_format is None else {"mask_format": self.mask_format}
         if self.mask_format in ("binary", "per_class_dirs"):
             out["binary_threshold"] = self.binary_threshold
         out["classes"] = classes
@@ -198,6 +202,8 @@ class LabelMap:
             out["color_tolerance"] = self.color_tolerance
         if self.coco_base:
             out["coco_base"] = True
+        if self.ignore_labels:
+            out["ignore_labels"] = list(self.ignore_labels)
         return out
 
     def save_yaml(self, path: str | Path) -> None:
@@ -276,6 +282,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _as_bool(value: Any, field_name: str, fail) -> bool:
     if not isinstance(value, bool):
         raise fail(f"{field_name}: expected true or false, got {value!r}")
@@ -324,6 +334,12 @@ def _parse_class(position: int, raw: Any, mask_format: str, fail) -> dict[str, A
     if category_id is not None and not (_is_int(category_id) and category_id > 0):
         raise fail(f"{where} ({name}).category_id: expected a positive integer, got {category_id!r}")
     supercategory = raw.get("supercategory", "background" if background else "defect")
+    aliases = raw.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise fail(f"{where} ({name}).aliases: expected a list of label names, got {aliases!r}")
+    line_width = raw.get("line_width")
+    if line_width is not None and not (_is_number(line_width) and line_width > 0):
+        raise fail(f"{where} ({name}).line_width: expected a positive number of pixels, got {line_width!r}")
     return {
         "name": name,
         "isthing": isthing,
@@ -333,6 +349,8 @@ def _parse_class(position: int, raw: Any, mask_format: str, fail) -> dict[str, A
         "mask_color": mask_format == "color",
         "category_id": category_id,
         "supercategory": str(supercategory),
+        "aliases": tuple(aliases),
+        "line_width": float(line_width) if line_width is not None else None,
     }
 
 
@@ -348,6 +366,21 @@ def _check_unique(classes: list[dict[str, Any]], fail) -> None:
             if v in seen:
                 raise fail(f"classes: duplicate {label} {v!r} ({seen[v]!r} and {c['name']!r})")
             seen[v] = c["name"]
+    spelled: dict[str, str] = {}  # every name and alias finds one class
+    for c in classes:
+        for label in (c["name"], *c["aliases"]):
+            if spelled.setdefault(label, c["name"]) != c["name"]:
+                raise fail(f"classes: label {label!r} is given to both {spelled[label]!r} and {c['name']!r}")
+
+
+def _parse_ignore_labels(raw: Any, classes: list[dict[str, Any]], fail) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v.strip() for v in raw):
+        raise fail(f"ignore_labels: expected a list of label names, got {raw!r}")
+    known = {label for c in classes for label in (c["name"], *c["aliases"])}
+    clash = sorted(set(raw) & known)
+    if clash:
+        raise fail(f"ignore_labels: {clash} are also class names or aliases")
+    return tuple(raw)
 
 
 def _resolve_ids(user: list[dict[str, Any]], coco_base: bool, fail) -> list[ClassInfo]:
@@ -390,6 +423,8 @@ def _resolve_ids(user: list[dict[str, Any]], coco_base: bool, fail) -> list[Clas
                 background=c["background"],
                 value=c["value"],
                 supercategory=c["supercategory"],
+                aliases=c["aliases"],
+                line_width=c["line_width"],
             )
         )
     return classes

@@ -37,6 +37,19 @@ def save_mask(path: Path, array: np.ndarray, **kwargs) -> Path:
     return path
 
 
+def save_tiny_model(folder: Path, label_map, image_size: int) -> Path:
+    """A tiny `DetrForSegmentation` for `label_map` (seeded, so the same every run), saved as a model folder."""
+    import torch
+
+    from hf_detr_seg.hub import save_model_folder
+    from hf_detr_seg.modeling import build_image_processor, build_model
+
+    torch.manual_seed(0)
+    model = build_model(label_map, preset="tiny")
+    save_model_folder(model, build_image_processor(image_size), folder, label_map, {"image_size": image_size}, {})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A small built demo dataset (10 images of 96 px, 8 train / 2 val) for training and CLI tests."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_model
 from PIL import Image
 from scipy import ndimage
 
@@ -42,14 +43,7 @@ def label_map() -> LabelMap:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, label_map: LabelMap) -> Path:
-    from hf_detr_seg.hub import save_model_folder
-    from hf_detr_seg.modeling import build_image_processor, build_model
-
-    torch.manual_seed(0)
-    model = build_model(label_map, preset="tiny")
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_model_folder(model, build_image_processor(IMAGE_SIZE), folder, label_map, {"image_size": IMAGE_SIZE}, {})
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", label_map, IMAGE_SIZE)
 
 
 # A random model's queries all predict the same thing. These hooks add, to the class logits and the mask logits

@@ -20,6 +20,7 @@ VOID = -1
 _UNKNOWN = -2  # lookup-table marker for mask values the label map does not know
 
 _LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 MaskSource = Path | dict[str, Path]  # one mask file, or per_class_dirs: class name -> mask file
 

@@ -105,6 +105,8 @@ def piece_mask(piece: Piece, height: int, width: int) -> tuple[np.ndarray, tuple
     if outside is not None:
         return outside
     if piece.kind in ("polygon", "rle"):
+        # On the whole image, as every COCO reader does: pycocotools' rasterisation of a polygon moved by whole
+        # pixels differs in a few pixels (its float rounding), so drawing in the object's box would not be exact.
         if piece.kind == "polygon":
             rle = mask_utils.merge(mask_utils.frPyObjects(piece.geometry, height, width))
         else:

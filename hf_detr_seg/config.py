@@ -28,6 +28,8 @@ class TrainConfig:
     dataset_dir: str | None = None  # a folder built by `hf-detr-seg build-dataset`; None: the demo data
     model_name_or_path: str | None = None  # stage 1: checkpoint or None (preset); stage 2: stage-1 output
     preset: str = "tiny"
+    backbone: str | None = None  # preset override: a timm model name, e.g. efficientnet_lite0, resnet18
+    pretrained_backbone: bool = True  # ImageNet weights from a local source (backbones.py); false: random
     backbone_checkpoint: str | None = None
     output_dir: str | None = None  # default outputs/stage{stage}
     num_train_epochs: int = 10
@@ -73,7 +75,15 @@ class TrainConfig:
     # Stage 1: weight of the encoder-output class-presence loss that keeps queries from collapsing when the
     # backbone starts from random weights (memory_supervision.py); 0 turns it off.
     encoder_presence_weight: float = 1.0
+    # Stage 1: weight of the loss asking the encoder output to state each cell's own position, so that the
+    # values the decoder reads say where they are (memory_supervision.py); 0 turns it off.
+    encoder_position_weight: float = 0.0
+    # Stage 1: object-query groups, each matched one-to-one on its own (Group DETR, query_groups.py); the extra
+    # groups exist only in training. 1: plain DETR.
+    num_query_groups: int = 1
+    one_to_many: int = 1  # stage 1: the extra groups match each target this many times (H-DETR's hybrid branch)
     num_queries: int | None = None  # preset override
+    dropout: float | None = None  # preset override: the transformer's dropout (DETR: 0.1)
     backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
     eval_threshold: float = 0.85
     eval_max_images: int | None = None  # evaluate on the first N val images only (speed on CPU)
@@ -93,6 +103,11 @@ class TrainConfig:
             raise UserInputError(
                 "--cache_detector_outputs needs --augment false: augmented images differ every epoch, so the "
                 "detector's outputs of the first epoch would be wrong for the next"
+            )
+        if self.num_query_groups < 1 or self.one_to_many < 1:
+            raise UserInputError(
+                f"--num_query_groups, --one_to_many: expected at least 1, got {self.num_query_groups!r}, "
+                f"{self.one_to_many!r}"
             )
         if self.detector_cache_gib <= 0:
             raise UserInputError(f"--detector_cache_gib: expected a positive size, got {self.detector_cache_gib!r}")

@@ -74,3 +74,35 @@ class EncoderPresenceHead(nn.Module):
             cells = selected.sum((0, 2, 3))
             halves.append((per_cell * selected).sum((0, 2, 3)) / cells.clamp(min=1.0))
         return (0.5 * (halves[0] + halves[1])).mean()
+
+
+def cell_positions(memory_mask: Tensor) -> Tensor:
+    """[B, 2, h, w]: each cell's centre (x, y) relative to its image's real extent (DETR's box coordinates)."""
+    batch, height, width = memory_mask.shape
+    rows = memory_mask.any(2).sum(1).clamp(min=1).to(torch.float)  # real cells per column, per image
+    cols = memory_mask.any(1).sum(1).clamp(min=1).to(torch.float)
+    xs = (torch.arange(width, device=memory_mask.device, dtype=torch.float) + 0.5)[None, :] / cols[:, None]
+    ys = (torch.arange(height, device=memory_mask.device, dtype=torch.float) + 0.5)[None, :] / rows[:, None]
+    return torch.stack([xs[:, None, :].expand(batch, height, width), ys[:, :, None].expand(batch, height, width)], 1)
+
+
+class EncoderPositionHead(nn.Module):
+    """1x1 convolution from the encoder output to each cell's own (x, y), and its L1 loss over real cells.
+
+    Why: DETR adds position embeddings to attention queries and keys only, never to values, so what a query
+    reads from the encoder output says *what* is there but not *where*, unless the features themselves encode
+    position. A pretrained, nearly translation-invariant backbone hardly does, and stage 1 then predicts the
+    same average box for every object while its classes are right. Asking the encoder output to state its own
+    coordinates makes the backbone and encoder carry position in the values the decoder reads (they can: zero
+    padding makes CNN features position-aware), so boxes can be regressed from what a query attends to.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.regressor = nn.Conv2d(d_model, 2, kernel_size=1)
+
+    def forward(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        predicted = self.regressor(memory).float().sigmoid()
+        valid = memory_mask[:, None].to(predicted.dtype)
+        error = (predicted - cell_positions(memory_mask)).abs() * valid
+        return error.sum() / (2 * valid.sum()).clamp(min=1.0)

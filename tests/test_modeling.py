@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import DetrForSegmentation
-from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
 from hf_detr_seg.errors import UserInputError
 from hf_detr_seg.labels import LabelMap
@@ -27,7 +27,9 @@ from hf_detr_seg.modeling import (
     transfer_class_head,
 )
 
-STEM_PREFIXES = tuple(f"detr.model.backbone.model.{m}." for m in ("conv1", "bn1", "layer1"))
+# The tiny preset's EfficientNet-Lite0: stem (conv_stem, bn1) and the stride-2 and stride-4 stages.
+STEM_PREFIXES = tuple(f"detr.model.backbone.model.{m}." for m in ("conv_stem", "bn1", "blocks.0", "blocks.1"))
+RESNET18 = {"backbone": "resnet18"}
 
 
 def _label_map(*names: str) -> LabelMap:
@@ -64,14 +66,20 @@ def fresh_tiny() -> DetrForSegmentation:
     return build_model(LABELS)
 
 
+@pytest.fixture
+def random_resnet() -> DetrForSegmentation:
+    """The tiny preset on a ResNet-18 with random weights (no weights are cached here)."""
+    return build_model(LABELS, preset_overrides=RESNET18)
+
+
 def test_tiny_preset_has_label_map_and_four_backbone_levels(tiny: DetrForSegmentation) -> None:
     config = tiny.config
     assert config.id2label == {0: "background", 1: "crack", 2: "spalling", 3: "corrosion"}
     assert config.label2id == {"background": 0, "crack": 1, "spalling": 2, "corrosion": 3}
     assert config.backbone_config.model_type == "timm_backbone"
-    assert config.backbone_config.backbone == "resnet18"
+    assert config.backbone_config.backbone == "efficientnet_lite0"
     assert list(config.backbone_config.out_indices) == [1, 2, 3, 4]
-    assert tiny.detr.model.backbone.intermediate_channel_sizes == [64, 128, 256, 512]
+    assert tiny.detr.model.backbone.intermediate_channel_sizes == [24, 40, 112, 320]
     assert (config.d_model, config.num_queries, config.encoder_layers, config.decoder_layers) == (128, 20, 2, 2)
     assert tiny.detr.class_labels_classifier.out_features == LABELS.num_classes + 1
     assert label_map_from_config(config) == LABELS
@@ -97,20 +105,20 @@ def test_forward_shapes(tiny: DetrForSegmentation) -> None:
 
 def test_random_backbone_warns_once_and_has_no_dead_norms(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="hf_detr_seg.modeling"):
-        model = build_model(LABELS)
+        model = build_model(LABELS, preset_overrides=RESNET18)
     warnings = [r.getMessage() for r in caplog.records if r.name == "hf_detr_seg.modeling"]
-    assert warnings == ["pretrained backbone weights for resnet18 are not available offline; using random weights"]
-    norms = {n: m for n, m in model.detr.model.backbone.model.named_modules() if isinstance(m, DetrFrozenBatchNorm2d)}
+    assert warnings == ["no ImageNet weights for resnet18 are available offline; using random weights"]
+    norms = {n: m for n, m in model.detr.model.backbone.model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
     assert "layer1.0.bn2" in norms  # timm's zero-initialised last norm of a block, now frozen
     dead = [n for n, m in norms.items() if not m.weight.any()]
     assert dead == []
 
 
-def test_residual_branches_get_gradients(fresh_tiny: DetrForSegmentation) -> None:
-    fresh_tiny.train()
-    out = fresh_tiny(pixel_values=torch.randn(1, 3, 64, 64))
+def test_residual_branches_get_gradients(random_resnet: DetrForSegmentation) -> None:
+    random_resnet.train()
+    out = random_resnet(pixel_values=torch.randn(1, 3, 64, 64))
     (out.pred_masks.mean() + out.logits.mean()).backward()
-    grad = fresh_tiny.detr.model.backbone.model.layer2[1].conv1.weight.grad
+    grad = random_resnet.detr.model.backbone.model.layer2[1].conv1.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
@@ -120,7 +128,7 @@ def test_backbone_checkpoint_is_loaded(tmp_path: Path) -> None:
         source.layer3[0].bn1.running_mean.normal_()
     path = tmp_path / "resnet18.safetensors"
     save_file(source.state_dict(), str(path))
-    model = build_model(LABELS, backbone_checkpoint=str(path))
+    model = build_model(LABELS, backbone_checkpoint=str(path), preset_overrides=RESNET18)
     backbone = model.detr.model.backbone.model
     assert torch.equal(backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert torch.equal(backbone.layer3[0].bn1.running_mean, source.layer3[0].bn1.running_mean)
@@ -135,7 +143,7 @@ def test_cached_imagenet_weights_are_used_offline(caplog: pytest.LogCaptureFixtu
     torch.save(source.state_dict(), cached)
     try:
         with caplog.at_level(logging.WARNING, logger="hf_detr_seg.modeling"):
-            model = build_model(LABELS)
+            model = build_model(LABELS, preset_overrides=RESNET18)
     finally:
         cached.unlink()
     assert not [r for r in caplog.records if r.name == "hf_detr_seg.modeling"]
@@ -195,12 +203,46 @@ def test_parameter_groups_cover_every_parameter_once(tiny: DetrForSegmentation) 
         group_of("somewhere.else.weight")
 
 
-def test_stem_and_layer1_frozen_rest_trainable(tiny: DetrForSegmentation) -> None:
-    params = dict(tiny.named_parameters())
-    stem = [n for n in params if n.startswith(STEM_PREFIXES)]
-    assert "detr.model.backbone.model.conv1.weight" in stem and any(".layer1." in n for n in stem)
-    assert not any(params[n].requires_grad for n in stem)
+@pytest.mark.parametrize(
+    ("backbone", "out_indices", "stem_modules", "first_trained"),
+    [
+        ("efficientnet_lite0", [1, 2, 3, 4], ("conv_stem", "bn1", "blocks.0", "blocks.1"), "blocks.2"),
+        ("efficientnet_lite0", [0, 1, 2, 3], ("conv_stem", "bn1", "blocks.0", "blocks.1"), "blocks.2"),
+        ("resnet18", [1, 2, 3, 4], ("conv1", "bn1", "layer1"), "layer2"),
+    ],
+)
+def test_stem_up_to_stride_4_is_frozen_for_each_backbone(
+    backbone: str, out_indices: list[int], stem_modules: tuple[str, ...], first_trained: str
+) -> None:
+    model = build_model(LABELS, preset_overrides={"backbone": backbone, "out_indices": out_indices})
+    prefix = "detr.model.backbone.model."
+    params = dict(model.named_parameters())
+    stem = [n for n in params if n.startswith(tuple(f"{prefix}{m}." for m in stem_modules))]
+    assert stem and not any(params[n].requires_grad for n in stem)
+    assert any(n.startswith(f"{prefix}{first_trained}.") for n in params)
     assert all(p.requires_grad for n, p in params.items() if n not in stem)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "out_indices", "channels"),
+    [
+        ("efficientnet_lite0", [1, 2, 3, 4], [24, 40, 112, 320]),
+        ("efficientnet_lite0", [0, 1, 2, 3], [16, 24, 40, 112]),
+        ("resnet18", [0, 1, 2, 3], [64, 64, 128, 256]),
+    ],
+)
+def test_fpn_and_input_projection_widths_follow_the_backbone(
+    backbone: str, out_indices: list[int], channels: list[int]
+) -> None:
+    model = build_model(LABELS, preset_overrides={"backbone": backbone, "out_indices": out_indices})
+    assert model.detr.model.backbone.intermediate_channel_sizes == channels
+    assert model.detr.model.input_projection.in_channels == channels[-1]
+    head = model.mask_head
+    assert [head.fpn_stages[i].fpn_adapter.in_channels for i in range(3)] == channels[-2::-1]
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(1, 3, 64, 96))
+    stride = 2 ** (out_indices[0] + 1)  # the masks come out at the finest level's stride
+    assert out.pred_masks.shape[-2:] == (64 // stride, 96 // stride)
 
 
 def test_set_trainable_mask_head_only(fresh_tiny: DetrForSegmentation) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 from .errors import UserInputError
 from .losses import MASK_RESOLUTIONS, LossWeights
+from .mask_head_init import DEFAULT_ATTENTION_GAIN
 
 MASK_LOSSES = ("focal", "dice", "focal+dice")
 
@@ -62,6 +63,9 @@ class TrainConfig:
     # Stage 2: keep the frozen detector's outputs per image after its first batch and run only the mask head
     # on later epochs (detector_cache.py); needs `augment: false`. Bounded by detector_cache_gib.
     cache_detector_outputs: bool = False
+    # Stage 2: start the mask head from the decoder's cross-attention with its attention channels amplified by
+    # this gain (mask_head_init.py); 0 keeps transformers' random initialisation.
+    mask_attention_gain: float = DEFAULT_ATTENTION_GAIN
     detector_cache_gib: float = 4.0
     # Loss weights: defaults are DETR's, from `losses.LossWeights` (one source of truth).
     class_weight: float = LossWeights.class_weight
@@ -78,10 +82,6 @@ class TrainConfig:
     # Stage 1: weight of the loss asking the encoder output to state each cell's own position, so that the
     # values the decoder reads say where they are (memory_supervision.py); 0 turns it off.
     encoder_position_weight: float = 0.0
-    # Stage 1: object-query groups, each matched one-to-one on its own (Group DETR, query_groups.py); the extra
-    # groups exist only in training. 1: plain DETR.
-    num_query_groups: int = 1
-    one_to_many: int = 1  # stage 1: the extra groups match each target this many times (H-DETR's hybrid branch)
     num_queries: int | None = None  # preset override
     dropout: float | None = None  # preset override: the transformer's dropout (DETR: 0.1)
     backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
@@ -103,11 +103,6 @@ class TrainConfig:
             raise UserInputError(
                 "--cache_detector_outputs needs --augment false: augmented images differ every epoch, so the "
                 "detector's outputs of the first epoch would be wrong for the next"
-            )
-        if self.num_query_groups < 1 or self.one_to_many < 1:
-            raise UserInputError(
-                f"--num_query_groups, --one_to_many: expected at least 1, got {self.num_query_groups!r}, "
-                f"{self.one_to_many!r}"
             )
         if self.detector_cache_gib <= 0:
             raise UserInputError(f"--detector_cache_gib: expected a positive size, got {self.detector_cache_gib!r}")

@@ -10,7 +10,6 @@ with forward hooks instead of re-implementing `DetrForSegmentation.forward`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DetrForSegmentation
@@ -34,7 +33,6 @@ class DetectorOutputs(MaskHeadInputs):
     logits: torch.Tensor  # [B, Q, K+1]
     pred_boxes: torch.Tensor  # [B, Q, 4] normalised cx, cy, w, h
     auxiliary_outputs: list[dict[str, torch.Tensor]]  # earlier decoder layers (when config.auxiliary_loss)
-    decoder_inputs: dict[str, Any]  # the decoder call's keyword arguments, to decode more queries (query_groups.py)
 
     def as_loss_inputs(self) -> dict:
         return {"logits": self.logits, "pred_boxes": self.pred_boxes, "auxiliary_outputs": self.auxiliary_outputs}
@@ -47,9 +45,6 @@ def run_detector(model: DetrForSegmentation, pixel_values: torch.Tensor, pixel_m
     hooks = [
         detr.model.backbone.register_forward_hook(lambda _m, _i, out: caught.__setitem__("features", out)),
         detr.model.input_projection.register_forward_hook(lambda _m, _i, out: caught.__setitem__("projected", out)),
-        detr.model.decoder.register_forward_pre_hook(
-            lambda _m, _args, kwargs: caught.__setitem__("decoder_inputs", kwargs), with_kwargs=True
-        ),
     ]
     try:
         outputs = detr.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
@@ -74,7 +69,6 @@ def run_detector(model: DetrForSegmentation, pixel_values: torch.Tensor, pixel_m
         logits=logits,
         pred_boxes=pred_boxes,
         auxiliary_outputs=auxiliary,
-        decoder_inputs=caught["decoder_inputs"],
         decoder_output=decoder_output,
         memory=memory,
         memory_mask=mask.bool(),

@@ -35,8 +35,8 @@ from .evaluation import evaluate_model
 from .hub import RUN_FILE, push_folder, save_model_folder
 from .labels import LabelMap
 from .losses import DetrCriterion, Indices, matched_query_index
+from .mask_head_init import init_mask_head_from_decoder
 from .memory_supervision import EncoderPositionHead, EncoderPresenceHead
-from .query_groups import QueryGroups, repeat_targets
 from .modeling import build_image_processor, build_model, group_of, label_map_from_config, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,6 @@ class StageStep(nn.Module):
         stage: int,
         encoder_presence_weight: float = 0.0,
         detector_cache: DetectorCache | None = None,
-        num_query_groups: int = 1,
-        one_to_many: int = 1,
         encoder_position_weight: float = 0.0,
     ) -> None:
         super().__init__()
@@ -79,13 +77,6 @@ class StageStep(nn.Module):
             if stage == 1 and encoder_presence_weight > 0
             else None
         )
-        # Stage 1's training-only extra query groups (see query_groups.py); never saved.
-        self.query_groups = (
-            QueryGroups(num_query_groups - 1, model.config.num_queries, model.config.d_model)
-            if stage == 1 and num_query_groups > 1
-            else None
-        )
-        self.one_to_many = one_to_many
         self.encoder_position_weight = encoder_position_weight
         self.position_head = (
             EncoderPositionHead(model.config.d_model) if stage == 1 and encoder_position_weight > 0 else None
@@ -93,8 +84,7 @@ class StageStep(nn.Module):
 
     def training_heads(self) -> nn.ModuleList:
         """The training-only modules beside the model (optimised with it, never saved)."""
-        heads = (self.presence_head, self.position_head, self.query_groups)
-        return nn.ModuleList([m for m in heads if m is not None])
+        return nn.ModuleList([m for m in (self.presence_head, self.position_head) if m is not None])
 
     def train(self, mode: bool = True) -> "StageStep":
         super().train(mode)
@@ -114,12 +104,6 @@ class StageStep(nn.Module):
             if self.position_head is not None:
                 losses["loss_encoder_position"] = self.position_head(detector.memory, detector.memory_mask)
                 losses["loss"] = losses["loss"] + self.encoder_position_weight * losses["loss_encoder_position"]
-            if self.query_groups is not None:
-                group_labels = repeat_targets(labels, self.one_to_many)
-                group_losses = [self.criterion(outputs, group_labels)["loss"]
-                                for outputs in self.query_groups.decode(self.model, detector.decoder_inputs)]
-                losses["loss_query_groups"] = torch.stack(group_losses).sum()
-                losses["loss"] = losses["loss"] + losses["loss_query_groups"]
             return losses
         mask_head_inputs, indices = self._frozen_detector(pixel_values, pixel_mask, labels)
         batch_index, query_index = matched_query_index(indices)
@@ -150,7 +134,7 @@ def ensure_demo_dataset(accelerator: Accelerator) -> Path:
         from .data.builder import build_dataset
         from .data.demo import generate_demo_data
 
-        source = generate_demo_data(DEMO_DATASET.parent / "data", num_images=80, size=256, seed=0)
+        source = generate_demo_data(DEMO_DATASET.parent / "data", size=256, seed=0)
         build_dataset(source / "images", source / "masks", source / "labels.yaml", DEMO_DATASET, progress=False)
         logger.warning("No --dataset_dir given: built the demo dataset in %s", DEMO_DATASET)
     accelerator.wait_for_everyone()
@@ -188,6 +172,8 @@ def load_model(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
             "run recipes/stage1.py first"
         )
     model = DetrForSegmentation.from_pretrained(folder)
+    if config.mask_attention_gain > 0:
+        init_mask_head_from_decoder(model, config.mask_attention_gain)
     model_labels = label_map_from_config(model.config)
     if model_labels.names != label_map.names or [c.isthing for c in model_labels.classes] != [
         c.isthing for c in label_map.classes
@@ -303,7 +289,7 @@ def run(config: TrainConfig) -> dict:
     criterion = build_criterion(config, label_map.num_classes)
     detector_cache = DetectorCache(int(config.detector_cache_gib * 2**30)) if config.cache_detector_outputs else None
     step_module = StageStep(model, criterion, config.stage, config.encoder_presence_weight, detector_cache,
-                            config.num_query_groups, config.one_to_many, config.encoder_position_weight)
+                            config.encoder_position_weight)
 
     train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed)
     train_loader = DataLoader(

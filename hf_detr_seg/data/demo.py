@@ -29,6 +29,9 @@ DEMO_LABELS: dict = {
     "instances": {"connectivity": 8, "min_area": 16, "merge_distance": 0},
 }
 
+# The demo's size: enough varied images for DETR to generalise within the CPU demo's few thousand steps
+# (drawing and building 400 images takes seconds).
+DEMO_NUM_IMAGES = 400
 _MIN_AREA = DEMO_LABELS["instances"]["min_area"]
 _PLACEMENT_TRIES = 8
 # Defects keep >= 2 px apart so two instances never touch and merge into one component.
@@ -235,7 +238,9 @@ def _render(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(img, 0, 255).round().astype(np.uint8), mask
 
 
-def generate_demo_data(out_dir: str | Path, num_images: int = 40, size: int = 256, seed: int = 0) -> Path:
+def generate_demo_data(
+    out_dir: str | Path, num_images: int = DEMO_NUM_IMAGES, size: int = 256, seed: int = 0
+) -> Path:
     """Write out_dir/images/<stem>.jpg, out_dir/masks/<stem>.png, out_dir/labels.yaml; return out_dir."""
     if size < 64:
         raise ValueError(f"size must be >= 64 to fit the demo defects, got {size}")

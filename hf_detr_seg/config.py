@@ -15,10 +15,8 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import UserInputError
-from .losses import MASK_RESOLUTIONS, LossWeights
+from .losses import MASK_LOSSES, MASK_RESOLUTIONS, LossWeights
 from .mask_head_init import DEFAULT_ATTENTION_GAIN
-
-MASK_LOSSES = ("focal", "dice", "focal+dice")
 
 
 @dataclass

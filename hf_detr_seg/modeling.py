@@ -301,15 +301,6 @@ def set_trainable(model: DetrForSegmentation, groups: Iterable[str]) -> None:
         parameter.requires_grad_(group_of(name) in chosen and name not in stem)
 
 
-def trainable_groups_summary(model: DetrForSegmentation) -> dict[str, int]:
-    """Number of trainable parameter elements per group (every group listed, 0 when frozen)."""
-    summary = dict.fromkeys(PARAMETER_GROUPS, 0)
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            summary[group_of(name)] += parameter.numel()
-    return summary
-
-
 # --------------------------------------------------------------------------------------------------- processor
 def build_image_processor(image_size: int) -> DetrImageProcessor:
     """DETR's image processor resizing as DETR does: shortest edge `image_size`, longest at most x1333/800.

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -231,8 +232,30 @@ def _checkpoint_root(config: TrainConfig) -> Path:
 
 
 def _latest_checkpoint(config: TrainConfig) -> Path | None:
-    found = sorted(_checkpoint_root(config).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return found[-1] if found else None
+    """The newest complete checkpoint: a folder `step_N` whose state file says step N.
+
+    Anything else named `step_*` (an interrupted or hand-made copy such as `step_final_copy`, a folder without
+    its state file) is passed over with a warning that names it, never resumed from.
+    """
+    complete, passed_over = [], []
+    for folder in _checkpoint_root(config).glob("step_*"):
+        match = re.fullmatch(r"step_(\d+)", folder.name)
+        if match and _saved_step(folder) == int(match.group(1)):
+            complete.append((int(match.group(1)), folder))
+        else:
+            passed_over.append(folder.name)
+    if passed_over:
+        logger.warning("--resume_from_checkpoint latest: passed over %s (not complete checkpoints)",
+                       sorted(passed_over))
+    return max(complete)[1] if complete else None
+
+
+def _saved_step(folder: Path) -> int | None:
+    """The step recorded in a checkpoint's state file, or None when it is missing or unreadable."""
+    try:
+        return int(json.loads((folder / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, state: dict) -> Path:

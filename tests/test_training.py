@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,40 @@ def test_resume_equals_uninterrupted_run(dataset: Path, tmp_path: Path):
     run(settings(dataset, interrupted, max_train_steps=3, augment=True))
     c = weights(interrupted)
     assert max(float((a[k] - c[k]).abs().max().detach()) for k in a) > 1e-4, "6 steps must differ from 3"
+
+
+def _recipe(dataset: Path, out: Path, *extra: str) -> list[str]:
+    """Stage 1 as a user runs it: 12 steps, a checkpoint every 2."""
+    return [sys.executable, str(REPO / "recipes/stage1.py"), "--dataset_dir", str(dataset), "--output_dir", str(out),
+            "--image_size", "96", "--per_device_train_batch_size", "2", "--max_train_steps", "12",
+            "--checkpointing_steps", "2", "--seed", "0", *extra]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_the_latest_complete_checkpoint(dataset: Path, tmp_path: Path):
+    """SIGKILL mid-run, a stray `step_*` copy and a folder without its state added, then `latest`: the
+    uninterrupted run's weights."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_recipe(dataset, full), env=env, check=True, capture_output=True, timeout=600)
+    process = subprocess.Popen(_recipe(dataset, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoints/step_4/trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.is_file() and not (killed / "model.safetensors").is_file(), "the kill came too late"
+    checkpoints = killed / "checkpoints"
+    shutil.copytree(checkpoints / "step_4", checkpoints / "step_final_copy")
+    (checkpoints / "step_999").mkdir()  # an interrupted copy: no state file
+    resumed = subprocess.run(_recipe(dataset, killed, "--resume_from_checkpoint", "latest"), env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "passed over ['step_999', 'step_final_copy']" in resumed.stderr
+    a, b = weights(full), weights(killed)
+    worst = max(float((a[k] - b[k]).abs().max().detach()) for k in a)
+    assert worst <= 1e-5, worst
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_earlier_outputs(dataset: Path, stage1: Path, tmp_path: Path,

@@ -25,7 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rows import MEMORY_WORKLOADS  # noqa: E402
+from predict_rows import MEMORY_WORKLOADS as PREDICT_WORKLOADS  # noqa: E402
+from rows import MEMORY_WORKLOADS as BASE_WORKLOADS  # noqa: E402
+
+MEMORY_WORKLOADS = {**BASE_WORKLOADS, **PREDICT_WORKLOADS}
 
 
 def _status_kib(field: str) -> int:
@@ -43,6 +46,11 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
+def peak_kib() -> int:
+    """The RSS high-water mark since the last `reset_peak`, in KiB."""
+    return _status_kib("VmHWM")
+
+
 def reset_peak() -> int:
     """Reset the RSS high-water mark to the current RSS; return that RSS in KiB."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -56,7 +64,7 @@ def main(argv: list[str]) -> int:
     release_free_heap()
     baseline = reset_peak()
     result = step()
-    peak = _status_kib("VmHWM")
+    peak = peak_kib()
     print(json.dumps({"peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024, "result": result}))
     return 0
 

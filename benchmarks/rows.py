@@ -44,6 +44,10 @@ class Row:
     metric: Callable[[Any], float] | None = None
     # Text appended to the note from the medians (ours, reference), e.g. a throughput.
     summary: Callable[[float, float], str] | None = None
+    # At most this many repetitions (a row of a minute per side runs fewer than `--repeat`); None: `--repeat`.
+    repeat: int | None = None
+    # The setup already ran both sides once on a smaller input (first-call costs): no full-size warm-up run.
+    warmed: bool = False
 
 
 # ============================================================================ postprocess_panoptic

@@ -25,7 +25,10 @@ README = HERE.parent / "README.md"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 sys.path.insert(0, str(HERE))
 
-from rows import ROWS  # noqa: E402
+from predict_rows import ROWS as PREDICT_ROWS  # noqa: E402
+from rows import ROWS as BASE_ROWS  # noqa: E402
+
+ROWS = {**BASE_ROWS, **PREDICT_ROWS}
 
 
 def timed(fn):
@@ -37,7 +40,8 @@ def timed(fn):
 def run_row(name: str, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         row = ROWS[name](Path(tmp))
-        if row.metric is None:  # a row measuring its own quantity (fresh processes) needs no warm-up
+        repeat = min(repeat, row.repeat or repeat)
+        if row.metric is None and not row.warmed:  # a row measuring its own quantity (fresh processes) needs none
             row.ours()  # warm-up (imports, caches, first-call allocations), not timed
             row.reference()
         ours_t, ref_t = [], []

@@ -87,8 +87,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_model, metrics_table
     from .inference import DefectSegmenter
+    from .processes import Processes
 
-    segmenter = DefectSegmenter.from_pretrained(args.model, image_size=args.image_size)
+    processes = Processes.from_environment()
+    segmenter = DefectSegmenter.from_pretrained(args.model, image_size=args.image_size, device=processes.device)
     metrics = evaluate_model(
         segmenter.model,
         args.dataset_dir,
@@ -99,7 +101,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         tolerance=args.tolerance,
         max_images=args.max_images,
         save_predictions=args.save_predictions,
+        processes=processes,
     )
+    if not processes.is_main:  # the main process of `accelerate launch` reports and writes
+        return
     if args.baseline == "otsu":
         from .baselines import otsu_scores
 
@@ -163,6 +168,7 @@ def cmd_export_coco(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from .inference import predict_paths
+    from .processes import Processes
 
     options = {name: getattr(args, name) for name in ("tile_size", "tile_overlap", "mm_per_pixel", "batch_size",
                                                       "image_size", "coco_json")}
@@ -171,10 +177,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
         args.inputs,
         args.out,
         threshold=args.threshold,
+        skip_existing=args.skip_existing,
+        progress=not args.quiet,
+        processes=Processes.from_environment(),
         **{name: value for name, value in options.items() if value is not None},  # unset: the library's default
     )
     failed = result.get("failed", [])
-    print(f"Predicted {result['images']} images, {result['segments']} segments; results in {result['out']}")
+    if not result.get("main", True):  # another process of `accelerate launch` prints the summary
+        raise SystemExit(1 if failed else 0)
+    skipped = f" ({result['skipped']} more left as they were: outputs complete)" if result.get("skipped") else ""
+    print(f"Predicted {result['images']} images{skipped}, {result['segments']} segments; results in {result['out']}")
     if result.get("coco_json"):
         print(f"Wrote every predicted segment as COCO instances to {result['coco_json']} "
               "(import it into CVAT; re-import corrections with `build-dataset --annotations`)")
@@ -272,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(predict, "--batch-size", type=int)
     _add(predict, "--image-size", type=int, help="shortest edge (default: the model's own)")
     _add(predict, "--coco-json", type=Path, help="also write all predictions to this COCO instances file (review)")
+    _add(predict, "--skip-existing", action="store_true",
+         help="leave images whose outputs (same settings) are complete; report.csv still lists every image")
+    _add(predict, "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser("export-coco", help="a built dataset folder -> one COCO instances file (RLE masks)")

@@ -42,14 +42,20 @@ def coco_categories(label_map: LabelMap) -> list[dict[str, Any]]:
 
 
 def segment_annotations(
-    id_map: np.ndarray, segments: Iterable[dict[str, Any]], image_id: int, first_id: int = 1
+    id_map: np.ndarray,
+    segments: Iterable[dict[str, Any]],
+    image_id: int,
+    first_id: int = 1,
+    stats: dict[int, tuple[int, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """COCO annotations (ids from `first_id`) of the segments of one id map.
 
     Each segment is a dict with `id` (its value in `id_map`), `category_id`, and optionally `score` and
-    `iscrowd`; segments without a pixel are left out.
+    `iscrowd`; segments without a pixel are left out. `stats`: each id's (area, [x, y, w, h]) when the caller
+    has them (a prediction does), else `data.panoptic.segment_stats` of the map.
     """
-    stats = segment_stats(id_map)
+    if stats is None:
+        stats = segment_stats(id_map)
     height, width = id_map.shape
     annotations = []
     for segment in segments:
@@ -83,10 +89,16 @@ class CocoInstancesWriter:
 
     def add(self, file_name: str, id_map: np.ndarray, segments: Iterable[dict[str, Any]]) -> None:
         """One image (`file_name` as tools will match it) and its segments (see `segment_annotations`)."""
-        image_id = len(self.images) + 1
         height, width = id_map.shape
+        self.add_annotations(file_name, height, width, segment_annotations(id_map, segments, 0))
+
+    def add_annotations(self, file_name: str, height: int, width: int, annotations: list[dict[str, Any]]) -> None:
+        """One image and its annotations made elsewhere by `segment_annotations` (e.g. by another process):
+        image and annotation ids are given here, in the order images are added."""
+        image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)})
-        self.annotations += segment_annotations(id_map, segments, image_id, len(self.annotations) + 1)
+        first_id = len(self.annotations) + 1
+        self.annotations += [{**a, "id": first_id + k, "image_id": image_id} for k, a in enumerate(annotations)]
 
     def document(self) -> dict[str, Any]:
         return {

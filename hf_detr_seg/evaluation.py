@@ -6,7 +6,9 @@ models, and this module nothing of how a metric is computed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +25,14 @@ from .data.panoptic import (
     write_panoptic_png,
 )
 from .data.training_data import PanopticDetrDataset, collate_fn
-from .detr_forward import run_detector, run_mask_head
+from .detr_forward import run_detector
 from .errors import DataError
+from .inference.forward import predict_batch
 from .labels import LabelMap
 from .metrics import BoxMAP, PanopticQuality, SemanticScores
 from .modeling import label_map_from_config
-from .postprocess import DEFAULT_THRESHOLD, PanopticPrediction, post_process_panoptic, segments_to_coco
+from .postprocess import DEFAULT_THRESHOLD, segments_to_coco
+from .processes import Processes
 
 
 def _ground_truth(root: Path, split: str) -> dict[int, tuple[Path, list[dict]]]:
@@ -46,30 +50,28 @@ def detections(logits: torch.Tensor, boxes: torch.Tensor, height: int, width: in
             "labels": labels}
 
 
-@torch.no_grad()
-def predict_batch(
-    model: DetrForSegmentation,
-    pixel_values: torch.Tensor,
-    pixel_mask: torch.Tensor,
-    sizes: list[tuple[int, int]],
-    target_sizes: list[tuple[int, int]],
-    stuff_label_ids: set[int],
-    threshold: float,
-) -> tuple[list[PanopticPrediction], torch.Tensor, torch.Tensor]:
-    """Panoptic predictions at `target_sizes`, cropping each image's padding off the mask logits first.
+@dataclass
+class _ImageRecord:
+    """What the evaluators need from one image (small arrays: records travel between processes)."""
 
-    Also returns the detector's logits and boxes (for box mAP).
-    """
-    detector = run_detector(model, pixel_values, pixel_mask)
-    masks = run_mask_head(model, detector)
-    scale = masks.shape[-2] / pixel_values.shape[-2]
-    predictions = []
-    for i, ((height, width), target) in enumerate(zip(sizes, target_sizes)):
-        rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
-        predictions += post_process_panoptic(
-            detector.logits[i : i + 1], masks[i : i + 1, :, :rows, :cols], [target], stuff_label_ids, threshold
-        )
-    return predictions, detector.logits, detector.pred_boxes
+    index: int  # position in the split: records are added to the evaluators in this order
+    detections: dict[str, np.ndarray]
+    gt_boxes: dict[str, np.ndarray]
+    pq: Any = None  # PanopticQuality.image_stats
+    semantic: Any = None  # SemanticScores.image_counts
+    saved: dict | None = None  # the image's annotation in the saved predictions' JSON
+
+
+@dataclass
+class _Evaluators:
+    """The evaluators of one run and what they read (ground truth, label map, where predictions are saved)."""
+
+    label_map: LabelMap
+    truth: dict[int, tuple[Path, list[dict]]]
+    pq: PanopticQuality
+    boxes: BoxMAP
+    semantic: SemanticScores
+    writer: "_PredictionWriter | None"
 
 
 @torch.no_grad()
@@ -84,77 +86,112 @@ def evaluate_model(
     max_images: int | None = None,
     tolerance: int = 0,
     save_predictions: Path | None = None,
+    processes: Processes | None = None,
 ) -> dict:
     """Score `model` on a split. With `masks=False` only boxes are scored (stage 1: the mask head is untrained).
 
     `save_predictions=DIR` also writes the panoptic predictions as a COCO-panoptic folder that panopticapi (or
     `hf-detr-seg pq`) reads against the split's annotations: `DIR/panoptic_<split>.json` (images, annotations
     with `segments_info` including scores, categories) and `DIR/panoptic_<split>/<stem>.png`.
+
+    `processes` (`accelerate launch`): each process predicts every N-th batch of the split (the batches of a
+    one-process run, so the same forward passes), the per-image records are gathered and added to the
+    evaluators in the split's order on every process: the metrics equal a one-process run's.
     """
     root = Path(dataset_dir)
     if not annotation_json(root, split).is_file():
         raise DataError(f"{root}: no `{split}` split (missing {annotation_json(root, split)})")
     if save_predictions is not None and not masks:
         raise ValueError("save_predictions needs masks=True (a stage-1 model predicts boxes only)")
+    processes = processes or Processes()
     label_map: LabelMap = label_map_from_config(model.config)
     dataset = PanopticDetrDataset(root, split, image_size, augment=False, label_map=label_map)
     if len(dataset) == 0:
         return {}
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
-    truth = _ground_truth(root, split)
-    device = next(model.parameters()).device
-    stuff = {i for i, c in enumerate(label_map.classes) if not c.isthing}
+    batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
+    mine = processes.share(batches)
+    evaluators = _evaluators(label_map, root, split, tolerance, save_predictions)
+    was_training = model.training
+    model.eval()
+    records: list[_ImageRecord] = []
+    for indices, batch in zip(mine, DataLoader(dataset, batch_sampler=mine, collate_fn=collate_fn)):
+        records += _batch_records(model, batch, indices, evaluators, threshold, masks)
+    if was_training:
+        model.train()
+    return _scores(sorted(processes.gather(records), key=lambda r: r.index), evaluators, masks, processes)
+
+
+def _evaluators(label_map: LabelMap, root: Path, split: str, tolerance: float,
+                save_predictions: Path | None) -> _Evaluators:
     categories = {c.category_id: {"name": c.name, "isthing": c.isthing} for c in label_map.classes}
-    pq = PanopticQuality(categories)
-    boxes = BoxMAP()
     # Pixel precision/recall/F1 for every defect class, thing or stuff (crack is often stuff): all but background.
     defects = [i for i, c in enumerate(label_map.classes) if not c.background]
     semantic = SemanticScores(label_map.num_classes, defects, tolerance=tolerance, class_names=label_map.names)
     writer = _PredictionWriter(Path(save_predictions), root, split, label_map) if save_predictions is not None else None
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        labels = batch["labels"]
-        pixel_values, pixel_mask = batch["pixel_values"].to(device), batch["pixel_mask"].to(device)
-        originals = [tuple(t["orig_size"].tolist()) for t in labels]
-        if masks:
-            sizes = [tuple(t["size"].tolist()) for t in labels]
-            predictions, logits, pred_boxes = predict_batch(
-                model, pixel_values, pixel_mask, sizes, originals, stuff, threshold
-            )
-        else:
-            detector = run_detector(model, pixel_values, pixel_mask)
-            predictions, logits, pred_boxes = None, detector.logits, detector.pred_boxes
-        for i, target in enumerate(labels):
-            png, gt_segments = truth[int(target["image_id"])]
-            gt_ids = read_panoptic_png(png)
-            height, width = originals[i]
-            boxes.update(
-                detections(logits[i].cpu(), pred_boxes[i].cpu(), height, width),
-                _gt_boxes(gt_segments, label_map),
-            )
-            if predictions is None:
-                continue
-            pred = predictions[i]
-            pred_ids = pred.id_map.cpu().numpy().astype(np.uint32)
-            pred_segments = [{"id": s["id"], "category_id": label_map.category_id(s["label_id"])} for s in pred.segments]
-            pq.update(gt_ids, gt_segments, pred_ids, pred_segments)
-            if writer is not None:
-                writer.add(int(target["image_id"]), png.name, pred_ids, segments_to_coco(pred, label_map))
-            semantic.update(
-                class_map_from_segments(gt_ids, gt_segments, lambda s: label_map.index_of_category(s["category_id"])),
-                class_map_from_segments(pred_ids, pred.segments, lambda s: s["label_id"]),
-            )
-    if was_training:
-        model.train()
-    if writer is not None:
-        writer.close()
-    results = boxes.compute()
+    return _Evaluators(label_map, _ground_truth(root, split), PanopticQuality(categories), BoxMAP(), semantic, writer)
+
+
+def _batch_records(model: DetrForSegmentation, batch: dict, indices: list[int], evaluators: _Evaluators,
+                   threshold: float, masks: bool) -> list[_ImageRecord]:
+    """Predict one batch and turn each image into its `_ImageRecord` (saving its PNG when asked)."""
+    label_map = evaluators.label_map
+    device = next(model.parameters()).device
+    labels = batch["labels"]
+    pixel_values, pixel_mask = batch["pixel_values"].to(device), batch["pixel_mask"].to(device)
+    originals = [tuple(t["orig_size"].tolist()) for t in labels]
     if masks:
-        results = {**pq.compute(), **results}
-        scores = semantic.compute()
+        sizes = [tuple(t["size"].tolist()) for t in labels]
+        stuff = {i for i, c in enumerate(label_map.classes) if not c.isthing}
+        predictions, logits, pred_boxes = predict_batch(model, pixel_values, pixel_mask, sizes, originals, stuff,
+                                                        threshold)
+    else:
+        detector = run_detector(model, pixel_values, pixel_mask)
+        predictions, logits, pred_boxes = None, detector.logits, detector.pred_boxes
+    records = []
+    for i, (index, target) in enumerate(zip(indices, labels)):
+        png, gt_segments = evaluators.truth[int(target["image_id"])]
+        height, width = originals[i]
+        found = detections(logits[i].cpu(), pred_boxes[i].cpu(), height, width)
+        record = _ImageRecord(index, {k: v.numpy() for k, v in found.items()},
+                              {k: v.numpy() for k, v in _gt_boxes(gt_segments, label_map).items()})
+        if predictions is not None:
+            _add_masks(record, predictions[i], read_panoptic_png(png), gt_segments, png.name,
+                       int(target["image_id"]), evaluators)
+        records.append(record)
+    return records
+
+
+def _add_masks(record: _ImageRecord, pred, gt_ids: np.ndarray, gt_segments: list[dict], png_name: str,
+               image_id: int, evaluators: _Evaluators) -> None:
+    """The panoptic and semantic statistics of one image's prediction (and its saved PNG)."""
+    label_map = evaluators.label_map
+    pred_ids = pred.id_map.cpu().numpy().astype(np.uint32)
+    pred_segments = [{"id": s["id"], "category_id": label_map.category_id(s["label_id"])} for s in pred.segments]
+    record.pq = evaluators.pq.image_stats(gt_ids, gt_segments, pred_ids, pred_segments)
+    record.semantic = evaluators.semantic.image_counts(
+        class_map_from_segments(gt_ids, gt_segments, lambda s: label_map.index_of_category(s["category_id"])),
+        class_map_from_segments(pred_ids, pred.segments, lambda s: s["label_id"]),
+    )
+    if evaluators.writer is not None:
+        record.saved = evaluators.writer.write_png(image_id, png_name, pred_ids, segments_to_coco(pred, label_map))
+
+
+def _scores(records: list[_ImageRecord], evaluators: _Evaluators, masks: bool, processes: Processes) -> dict:
+    """The metrics from every image's record, added in the split's order."""
+    for record in records:
+        evaluators.boxes.update(record.detections, record.gt_boxes)
+        if masks:
+            evaluators.pq.add(record.pq)
+            evaluators.semantic.add(record.semantic)
+    if evaluators.writer is not None and processes.is_main:
+        evaluators.writer.close([record.saved for record in records])
+    processes.wait()
+    results = evaluators.boxes.compute()
+    if masks:
+        results = {**evaluators.pq.compute(), **results}
+        scores = evaluators.semantic.compute()
         results["miou"] = scores["miou"]
         for name, values in results["per_class"].items():
             values.update(scores["per_class"].get(name, {}))
@@ -170,16 +207,16 @@ class _PredictionWriter:
         self.png_dir.mkdir(parents=True, exist_ok=True)
         self.images = {img["id"]: img for img in read_json(annotation_json(root, split))["images"]}
         self.categories = label_map.coco_categories()
-        self.annotations: list[dict] = []
 
-    def add(self, image_id: int, png_name: str, id_map: np.ndarray, segments_info: list[dict]) -> None:
+    def write_png(self, image_id: int, png_name: str, id_map: np.ndarray, segments_info: list[dict]) -> dict:
+        """Write one image's PNG; returns its annotation for the JSON."""
         file_name = Path(png_name).stem + ".png"
         write_panoptic_png(self.png_dir / file_name, id_map)
-        self.annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": segments_info})
+        return {"image_id": image_id, "file_name": file_name, "segments_info": segments_info}
 
-    def close(self) -> None:
-        images = [self.images[a["image_id"]] for a in self.annotations]
-        write_json(self.json_path, {"images": images, "annotations": self.annotations, "categories": self.categories})
+    def close(self, annotations: list[dict]) -> None:
+        images = [self.images[a["image_id"]] for a in annotations]
+        write_json(self.json_path, {"images": images, "annotations": annotations, "categories": self.categories})
 
 
 def _gt_boxes(segments: list[dict], label_map: LabelMap) -> dict[str, torch.Tensor]:

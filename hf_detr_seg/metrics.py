@@ -276,7 +276,11 @@ class PanopticQuality:
         self._fn = np.zeros(num, dtype=np.int64)
         self.num_images = 0
 
-    def update(
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Add one image; the arguments are `image_stats`'."""
+        self.add(self.image_stats(*args, **kwargs))
+
+    def image_stats(
         self,
         gt_ids: Any,
         gt_segments: Sequence[Mapping],
@@ -285,12 +289,15 @@ class PanopticQuality:
         *,
         gt_name: str = "ground truth",
         pred_name: str = "prediction",
-    ) -> None:
-        """Add one image: id maps (0 = void) and their `segments_info` (`id`, `category_id`, gt `iscrowd`).
+    ) -> _ImageStats:
+        """One image's matches, FP and FN (a few small arrays), for `add` here or in another process: id maps
+        (0 = void) and their `segments_info` (`id`, `category_id`, gt `iscrowd`). `gt_name` / `pred_name` name
+        the files in error messages."""
+        return _image_stats(gt_ids, gt_segments, pred_ids, pred_segments, self._cat_index, gt_name, pred_name)
 
-        `gt_name` / `pred_name` name the files in error messages.
-        """
-        self._add(_image_stats(gt_ids, gt_segments, pred_ids, pred_segments, self._cat_index, gt_name, pred_name))
+    def add(self, stats: _ImageStats) -> None:
+        """Add one image's `image_stats` (images must come in a fixed order for bit-identical IoU sums)."""
+        self._add(stats)
 
     def _add(self, stats: _ImageStats) -> None:
         """Add one image's statistics (images must come in a fixed order for bit-identical IoU sums)."""
@@ -646,6 +653,21 @@ class SemanticScores:
 
     def update(self, gt_class_map: Any, pred_class_map: Any) -> None:
         """Add one image: integer class maps of equal shape (gt -1 = void, pred -1 = no class)."""
+        self.add(self.image_counts(gt_class_map, pred_class_map))
+
+    def add(self, counts: tuple[np.ndarray, ...]) -> None:
+        """Add one image's `image_counts` (integers: the order of images does not matter)."""
+        confusion, pred_total, gt_total, pred_hits, gt_hits = counts
+        self._confusion += confusion
+        self._pred_total += pred_total
+        self._gt_total += gt_total
+        self._pred_hits += pred_hits
+        self._gt_hits += gt_hits
+        self.num_images += 1
+
+    def image_counts(self, gt_class_map: Any, pred_class_map: Any) -> tuple[np.ndarray, ...]:
+        """One image's confusion matrix and per-defect pixel counts (small arrays: they travel between
+        processes): (confusion, pred_total, gt_total, pred_hits, gt_hits)."""
         gt = np.asarray(gt_class_map).astype(np.int64, copy=False)
         pred = np.asarray(pred_class_map).astype(np.int64, copy=False)
         if gt.shape != pred.shape:
@@ -658,15 +680,14 @@ class SemanticScores:
         valid = gt >= 0
         g = gt[valid]
         p = np.where(pred[valid] < 0, c, pred[valid])
-        self._confusion += np.bincount(g * (c + 1) + p, minlength=c * (c + 1)).reshape(c, c + 1)
+        confusion = np.bincount(g * (c + 1) + p, minlength=c * (c + 1)).reshape(c, c + 1)
+        counts = np.zeros((4, len(self.thing_classes)), dtype=np.int64)  # pred_total, gt_total, pred_hits, gt_hits
         for j, cls in enumerate(self.thing_classes):
             gt_mask = gt == cls
             pred_mask = (pred == cls) & valid
-            self._pred_total[j] += int(pred_mask.sum())
-            self._gt_total[j] += int(gt_mask.sum())
-            self._pred_hits[j] += int((pred_mask & _within(gt_mask, self.tolerance)).sum())
-            self._gt_hits[j] += int((gt_mask & _within(pred_mask, self.tolerance)).sum())
-        self.num_images += 1
+            counts[:, j] = (pred_mask.sum(), gt_mask.sum(), (pred_mask & _within(gt_mask, self.tolerance)).sum(),
+                            (gt_mask & _within(pred_mask, self.tolerance)).sum())
+        return (confusion, *counts)
 
     def compute(self) -> dict[str, Any]:
         """`miou` over classes present in gt or prediction; `precision`/`recall`/`f1` averaged over thing

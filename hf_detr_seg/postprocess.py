@@ -134,12 +134,10 @@ def _image_segments(
     # O(N x H x W)): upsample, weight by the score, count `original_k`, and fold into a running argmax, with
     # buffers reused across queries. Bilinear upsampling treats every channel alike, so one channel at a time
     # gives transformers' values bit for bit. The running argmax keeps the first query on ties (a later one must
-    # be strictly greater), as `argmax` does; and as queries come in index order, `maximum(winner, better * k)`
-    # writes k exactly where query k beats every earlier one.
+    # be strictly greater), as `argmax` does: query k is written exactly where it beats every earlier one.
     device = probs.device
     original = torch.empty(num_kept, dtype=torch.int64, device=device)
     flags = torch.empty((height, width), dtype=torch.bool, device=device)
-    candidate = torch.empty((height, width), dtype=torch.int32, device=device)
     winner = torch.zeros((height, width), dtype=torch.int32, device=device)
     best = None
     for k in range(num_kept):
@@ -152,10 +150,9 @@ def _image_segments(
         if best is None:
             best = weighted
             continue
-        torch.gt(weighted, best, out=flags)
-        torch.maximum(winner, candidate.copy_(flags).mul_(k), out=winner)
+        winner.masked_fill_(torch.gt(weighted, best, out=flags), k)
         torch.maximum(best, weighted, out=best)
-    del best, flags, candidate
+    del best, flags
     winner = winner.view(-1)
 
     area = torch.bincount(winner, minlength=num_kept)  # int32 in: no int64 copy of the map

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,3 +97,47 @@ def transformers_reuses_ids(segments_info: list[dict]) -> bool:
         len({e["label_id"] for e in entries}) > 1 or (len(entries) > 1 and not all(e["was_fused"] for e in entries))
         for entries in by_id.values()
     )
+
+
+def steer_queries(model: Any, class_logits: Any, mask_pattern: Callable[[int, int], Any],
+                  replace: bool = False) -> list[Any]:
+    """Give a random `DetrForSegmentation` queries that differ: adds `class_logits` [Q, K+1] to its class logits
+    and `mask_pattern(h, w)` [Q, h, w] to each query's mask logits (`replace`: instead of them). Returns the hooks
+    (`.remove()` each to undo; `crafted_queries` does it for a `with` block).
+
+    A random model's queries all predict the same thing; tests of post-processing, tiling and the kept-query path
+    need confident, different ones. The mask head may run for every query ([B x Q] maps) or for a chosen few
+    ([N] maps, `detr_forward.run_mask_head` with indices), so each map's query is recognised by its attention
+    input, compared with the attention maps `bbox_attention` just computed for all queries.
+    """
+    import torch
+
+    seen: dict[str, Any] = {}
+    keep = 0.0 if replace else 1.0
+
+    def attention_hook(module, args, out):
+        seen["attention"] = out.flatten(0, 1).flatten(1)  # [B x Q, heads x h x w]
+
+    def class_hook(module, args, out):
+        return keep * out + class_logits.to(out.dtype)
+
+    def mask_hook(module, args, kwargs, out):
+        attention = args[1] if len(args) > 1 else kwargs["attention_masks"]  # the maps this call ran on
+        rows = attention.flatten(0, 1).flatten(1)
+        query = torch.stack([(seen["attention"] == row).all(1).int().argmax() for row in rows]) % len(class_logits)
+        return keep * out + mask_pattern(*out.shape[-2:]).to(out.dtype)[query][:, None]
+
+    return [model.bbox_attention.register_forward_hook(attention_hook),
+            model.detr.class_labels_classifier.register_forward_hook(class_hook),
+            model.mask_head.register_forward_hook(mask_hook, with_kwargs=True)]
+
+
+@contextmanager
+def crafted_queries(model: Any, class_boost: Any, mask_pattern: Callable[[int, int], Any]) -> Iterator[Any]:
+    """`steer_queries` (adding to the model's logits) for the duration of a `with` block."""
+    hooks = steer_queries(model, class_boost, mask_pattern)
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -54,3 +54,25 @@ def test_stage2_step_sides_agree_on_the_mask_terms(tmp_path: Path):
     row.check(ours, reference)  # same matching, mask terms within rows.STAGE2_TOLERANCE
     assert {*rows.MASK_TERMS, "loss"} <= ours.keys() & reference.keys()
     assert "same matching" in row.check.note
+
+
+def test_a_row_caps_its_repetitions_and_may_skip_the_full_size_warm_up(monkeypatch):
+    calls = []
+
+    def setup(tmp: Path) -> rows.Row:
+        return rows.Row(lambda: calls.append("ours"), lambda: calls.append("reference"), lambda mine, theirs: None,
+                        repeat=2, warmed=True)
+
+    monkeypatch.setitem(run.ROWS, "capped", setup)
+    assert run.run_row("capped", repeat=5)["repeat"] == 2
+    assert calls == ["ours", "reference", "reference", "ours"]  # no warm-up, two alternating repetitions
+
+
+def test_large_photo_sides_give_the_same_segments_on_a_small_photo():
+    import predict_rows
+
+    ours, reference = predict_rows._sides((600, 900))  # 2 x 2 tiles of 512 px
+    mine, theirs = ours(), reference()
+    check = predict_rows._check("small")
+    check(mine, theirs)
+    assert mine[0].shape == (600, 900) and len(mine[1]) >= 1 and "same segments" in check.note

@@ -16,6 +16,7 @@ from hf_detr_seg import cli
 from hf_detr_seg.cli import main
 from hf_detr_seg.data.panoptic import read_panoptic_png
 from hf_detr_seg.config import TrainConfig
+from hf_detr_seg.processes import Processes
 from hf_detr_seg.training import run
 
 
@@ -287,12 +288,14 @@ def test_predict_wiring_summary_failures_and_exit_code(tmp_path: Path, monkeypat
     assert run_cli("predict", "--model", "m", "a.jpg", "--out", out, *options) == 0
     assert f"Predicted 3 images, 7 segments; results in {out}" in capsys.readouterr().out
     assert seen == {"model_dir": "m", "inputs": [Path("a.jpg")], "out_dir": out, "threshold": 0.85, "tile_size": 512,
-                    "tile_overlap": 0.25, "mm_per_pixel": 0.1}  # unset options: the library's defaults
-    assert run_cli("predict", "--model", "m", "a.jpg", "bad.jpg", "--out", out, "--batch-size", "2") == 1
+                    "tile_overlap": 0.25, "mm_per_pixel": 0.1, "skip_existing": False, "progress": True,
+                    "processes": Processes()}  # unset options: the library's defaults; one process
+    assert run_cli("predict", "--model", "m", "a.jpg", "bad.jpg", "--out", out, "--batch-size", "2",
+                   "--skip_existing", "--quiet") == 1
     captured = capsys.readouterr()
     assert "Predicted 3 images" in captured.out
     assert "1 input(s) failed" in captured.err and "bad.jpg: cannot read image" in captured.err
-    assert seen["batch_size"] == 2
+    assert seen["batch_size"] == 2 and seen["skip_existing"] and not seen["progress"]
 
 
 def test_predict_end_to_end(model: Path, dataset: Path, tmp_path: Path, capsys):

@@ -16,6 +16,7 @@ from hf_detr_seg.coco_export import CocoInstancesWriter, segment_annotations
 from hf_detr_seg.data.panoptic import read_panoptic_png
 from hf_detr_seg.inference import DefectSegmenter, TilePrediction
 from hf_detr_seg.labels import LabelMap
+from hf_detr_seg.testing import steer_queries
 
 LABELS = {
     "classes": [
@@ -139,9 +140,7 @@ def _steer(model) -> None:
         pattern[3] = 0.4  # the surface wins wherever no defect is likely
         return pattern
 
-    model.detr.class_labels_classifier.register_forward_hook(lambda m, a, out: 0 * out + logits.to(out.dtype))
-    model.mask_head.register_forward_hook(
-        lambda m, a, out: 0 * out + mask_logits(*out.shape[-2:]).repeat(out.shape[0] // queries, 1, 1)[:, None])
+    steer_queries(model, logits, mask_logits, replace=True)
 
 
 def test_real_model_predictions_round_trip(model_dir: Path, label_map: LabelMap, tmp_path: Path, monkeypatch):

@@ -31,6 +31,7 @@ from hf_detr_seg.inference import (
 from hf_detr_seg.labels import LabelMap
 from hf_detr_seg.overlay import draw_overlay, write_report_csv
 from hf_detr_seg.postprocess import post_process_panoptic, segments_to_coco
+from hf_detr_seg.testing import crafted_queries
 
 CRACK, SURFACE = 0, 4  # model class indices of the demo label map
 IMAGE_SIZE = 64
@@ -46,42 +47,34 @@ def model_dir(tmp_path_factory, label_map: LabelMap) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny", label_map, IMAGE_SIZE)
 
 
-# A random model's queries all predict the same thing. These hooks add, to the class logits and the mask logits
-# the model computes, a pattern that makes its queries differ: thing queries become blobs of several classes,
-# queries 3 and 8 the left and right halves of the surface (one fused stuff segment), query 9 falls below
-# the threshold and queries 5 and 10+ are "no object". Both the model's own forward and the segmenter's path
-# run these modules, so both see the same outputs.
+# A random model's queries all predict the same thing. `crafted_queries` adds, to the class logits and the mask
+# logits the model computes, a pattern that makes its queries differ: thing queries become blobs of several
+# classes, queries 3 and 8 the left and right halves of the surface (one fused stuff segment), query 9 falls below
+# the threshold and queries 5 and 10+ are "no object". The model's own forward, the full path and the kept-query
+# path all run these modules, so all see the same outputs.
 QUERY_CLASSES = [0, 1, 0, 4, 2, 5, 0, 3, 4, 1] + [5] * 10
 QUERY_BOOST = [6.0, 7.0, 8.0, 6.5, 9.0, 6.0, 5.5, 7.5, 6.0, 2.0] + [6.0] * 10
 BLOB_CENTRES = {0: (0.25, 0.2), 1: (0.25, 0.5), 2: (0.25, 0.8), 4: (0.75, 0.2), 6: (0.75, 0.5), 7: (0.75, 0.8),
                 9: (0.5, 0.35)}
 
 
+def query_patterns(h: int, w: int) -> torch.Tensor:
+    """[Q, h, w] mask logits added per query: blobs, the two halves of the surface, "nothing" elsewhere."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    pattern = torch.full((len(QUERY_CLASSES), h, w), -10.0)
+    pattern[3] = 3 * (0.5 - xs) - 1
+    pattern[8] = 3 * (xs - 0.5) - 1
+    for q, (cy, cx) in BLOB_CENTRES.items():
+        pattern[q] = 12 * (1 - torch.hypot(ys - cy, xs - cx) / 0.12)
+    return pattern
+
+
 @pytest.fixture
 def varied_queries(segmenter: DefectSegmenter):
-    model = segmenter.model
-    queries = model.config.num_queries
-    assert queries == len(QUERY_CLASSES)
+    assert segmenter.model.config.num_queries == len(QUERY_CLASSES)
     boost = torch.nn.functional.one_hot(torch.tensor(QUERY_CLASSES), 6) * torch.tensor(QUERY_BOOST)[:, None]
-
-    def class_hook(module, args, out):
-        return out + boost.to(out.dtype)
-
-    def mask_hook(module, args, out):
-        n, _, h, w = out.shape
-        ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-        pattern = torch.full((queries, h, w), -10.0)
-        pattern[3] = 3 * (0.5 - xs) - 1
-        pattern[8] = 3 * (xs - 0.5) - 1
-        for q, (cy, cx) in BLOB_CENTRES.items():
-            pattern[q] = 12 * (1 - torch.hypot(ys - cy, xs - cx) / 0.12)
-        return out + pattern.repeat(n // queries, 1, 1)[:, None]
-
-    hooks = [model.detr.class_labels_classifier.register_forward_hook(class_hook),
-             model.mask_head.register_forward_hook(mask_hook)]
-    yield segmenter
-    for hook in hooks:
-        hook.remove()
+    with crafted_queries(segmenter.model, boost, query_patterns):
+        yield segmenter
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,16 @@ SPLITS = ("train", "val")
 
 
 def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
-    """Segment ids -> RGB (R + 256*G + 256^2*B)."""
-    id_map = id_map.astype(np.uint32)
-    return np.stack([id_map & 255, (id_map >> 8) & 255, (id_map >> 16) & 255], axis=-1).astype(np.uint8)
+    """Segment ids -> RGB (R + 256*G + 256^2*B): the three low bytes of each little-endian uint32 id.
+
+    One 3-byte copy per pixel (an int32 or uint32 map is only reinterpreted), so a 48-megapixel map needs
+    144 MiB here, not the 1.5 GiB of shifting and stacking uint32 planes.
+    """
+    ids = np.ascontiguousarray(id_map)
+    if ids.dtype.kind in "iu" and ids.dtype.itemsize == 4:
+        ids = ids.view(ids.dtype.str[0] + "u4")  # same bytes, read as unsigned
+    ids = ids.astype("<u4", copy=False)  # no copy when already little-endian
+    return np.ascontiguousarray(ids.view(np.uint8).reshape(*ids.shape, 4)[..., :3])
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ REPORT_COLUMNS = ("image", "segment_id", "class", "score", "area_px", "area", "b
                   "bbox_h", "length", "max_width", "mean_width", "unit")
 _FALLBACK = (255, 0, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+_FILL_ROWS = 256  # rows blended at a time
 
 
 def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -61,10 +62,14 @@ def draw_overlay(
     for segment in drawn:
         lut[segment.id] = color_of[segment.label]
         use[segment.id] = True
-    pixels = use[result.id_map]
-    if alpha > 0 and pixels.any():
-        blended = out[pixels].astype(np.float32) * (1 - alpha) + lut[result.id_map[pixels]] * alpha
-        out[pixels] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if alpha > 0:  # a band of rows at a time: temporaries of a few MiB, whatever the photo's size
+        for start in range(0, height, _FILL_ROWS):
+            ids = result.id_map[start : start + _FILL_ROWS]
+            band = out[start : start + _FILL_ROWS]
+            pixels = use[ids]
+            if pixels.any():
+                blended = band[pixels].astype(np.float32) * (1 - alpha) + lut[ids[pixels]] * alpha
+                band[pixels] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
     # Outlines, on each segment's box only (cheap on large photos).
     short = min(height, width)

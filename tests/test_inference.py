@@ -427,3 +427,19 @@ def test_expand_inputs_reports_what_matched_nothing(tmp_path: Path):
         expand_inputs([str(tmp_path / "empty")])
     with pytest.raises(UserInputError, match=r"nothing\*\.jpg"):
         expand_inputs([str(tmp_path / "nothing*.jpg")])
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_photos_read_as_the_dataset_builder_reads_them(tmp_path: Path, orientation: int):
+    from hf_detr_seg.data.masks import read_image
+    from hf_detr_seg.inference import read_photo
+
+    picture = Image.fromarray(photo(30, 50))
+    exif = picture.getexif()
+    exif[0x0112] = orientation
+    picture.save(tmp_path / "p.jpg", exif=exif, quality=95)
+    picture.convert("RGBA").save(tmp_path / "p.png")
+    picture.convert("L").save(tmp_path / "g.png")
+    for name in ("p.jpg", "p.png", "g.png"):
+        np.testing.assert_array_equal(read_photo(tmp_path / name), np.asarray(read_image(tmp_path / name)))
+    assert read_photo(tmp_path / "p.jpg").shape == ((50, 30, 3) if orientation in (6, 8) else (30, 50, 3))

@@ -132,8 +132,8 @@ def imagenet_state_dict(backbone: str, checkpoint: str | None = None) -> tuple[d
     return None
 
 
-def load_into_features(features: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> int:
-    """Copy a full-model state dict into a timm `features_only` model (DETR's backbone); return tensors copied.
+def load_into_features(features: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy a full-model state dict into a timm `features_only` model (DETR's backbone).
 
     The features model holds a subset of the keys (no classifier, no unused last stages) and its frozen norms
     have no `num_batches_tracked`; every key it has must be found, with the same shape.
@@ -143,7 +143,6 @@ def load_into_features(features: nn.Module, state_dict: Mapping[str, torch.Tenso
     if missing:
         raise UserInputError(f"backbone weights from {source}: no tensor of the right shape for {missing[:5]}")
     features.load_state_dict({key: state_dict[key] for key in own})
-    return len(own)
 
 
 def stem_parameter_names(features: nn.Module) -> set[str]:

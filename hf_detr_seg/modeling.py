@@ -2,9 +2,9 @@
 
 Facts of transformers 5 this module relies on (checked against 5.24):
 - A timm backbone is passed as `DetrConfig(backbone_config=TimmBackboneConfig(...))`. `out_indices=(1, 2, 3, 4)`
-  gives ResNet's layer1..layer4 (strides 4..32): the transformer reads layer4, and the mask head's FPN needs the
-  other three. `use_pretrained_backbone` is stored in the config but nothing reads it, so ImageNet weights are
-  loaded here, from a local file only.
+  gives the levels of strides 4..32 (ResNet's layer1..layer4): the transformer reads the last, and the mask
+  head's FPN needs the other three. `use_pretrained_backbone` is stored in the config but nothing reads it, so
+  ImageNet weights are loaded here, from local sources only (`backbones.py`).
 - `DetrConvEncoder` swaps every `nn.BatchNorm2d` for `DetrFrozenBatchNorm2d`, which would drop the activation
   of timm's norm-act layers; backbones are therefore built with timm's own frozen norms (`backbones.py`). It
   freezes the stem and layer1 only for transformers' own ResNet (`"resnet" in backbone_config.model_type`, which

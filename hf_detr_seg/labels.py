@@ -8,6 +8,13 @@ Two id spaces exist and this module is the only place that converts between them
 - model class index: contiguous 0..K-1 in label-map order (`config.id2label`);
 - dataset category id (COCO panoptic `category_id`): 1..K in the same order, or, with `coco_base`, COCO's 133
   panoptic categories keep their COCO ids and the new classes get ids from 201 up, above every COCO id.
+
+Roles. What a class is measured as is its role, declared next to `background: true`, never read from its name:
+`measure: crack` for linear defects (length and widths, one report row per connected crack), `measure: area`
+(the default) for regions. Label maps written before roles existed do not declare them; so that they (and the
+datasets and models carrying them) keep their crack measurements, when no class of a map is `measure: crack`,
+a class named `crack` (any case) that declares no `measure` takes `measure: crack`. This is the one place a
+class name means anything; the resolved map (`to_dict`) states every role, so the rule applies once.
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ from typing import Any
 import yaml
 
 from .errors import UserInputError
+from .fields import as_bool, as_choice, is_int, is_number, parse_color
+from .label_classes import check_unique, legacy_crack_role, parse_class, parse_ignore_labels
 
 MASK_FORMATS = ("binary", "indexed", "color", "per_class_dirs")
 FIRST_NEW_COCO_ID = 201
 _TOP_KEYS = {"mask_format", "binary_threshold", "classes", "instances", "ignore", "ignore_colors", "color_tolerance",
              "coco_base", "ignore_labels"}
-_CLASS_KEYS = {"name", "isthing", "background", "value", "color", "category_id", "supercategory", "aliases",
-               "line_width"}
 _INSTANCE_KEYS = {"connectivity", "min_area", "merge_distance"}
 # Colours given to classes without one, for overlays and the COCO `categories` table.
 _PALETTE = [
@@ -55,6 +62,7 @@ class ClassInfo:
     from_coco: bool = False  # one of COCO's 133 categories kept by `coco_base`
     aliases: tuple[str, ...] = ()  # annotations: other spellings of `name` in the source files
     line_width: float | None = None  # annotations: width in pixels of lines drawn for this class
+    measure: str = "area"  # role: "crack" (length and widths) or "area" (module docstring)
 
 
 @dataclass(frozen=True)
@@ -106,18 +114,19 @@ class LabelMap:
         if unknown:
             raise fail(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
         mask_format = data.get("mask_format")
-        if mask_format is not None and mask_format not in MASK_FORMATS:
-            raise fail(f"mask_format: {mask_format!r} is not one of {list(MASK_FORMATS)}")
+        if mask_format is not None:
+            as_choice(mask_format, MASK_FORMATS, "mask_format", fail)
         raw_classes = data.get("classes")
         if not isinstance(raw_classes, list) or not raw_classes:
             raise fail("classes: expected a non-empty list of {name, isthing, ...}")
-        coco_base = _as_bool(data.get("coco_base", False), "coco_base", fail)
+        coco_base = as_bool(data.get("coco_base", False), "coco_base", fail)
 
         user_classes = [
-            _parse_class(i, raw, mask_format, fail) for i, raw in enumerate(raw_classes)
+            parse_class(i, raw, mask_format, fail) for i, raw in enumerate(raw_classes)
         ]
-        _check_unique(user_classes, fail)
-        ignore_labels = _parse_ignore_labels(data.get("ignore_labels", []), user_classes, fail)
+        check_unique(user_classes, fail)
+        legacy_crack_role(user_classes)
+        ignore_labels = parse_ignore_labels(data.get("ignore_labels", []), user_classes, fail)
         backgrounds = [c["name"] for c in user_classes if c["background"]]
         if len(backgrounds) > 1:
             raise fail(f"classes: only one class may be `background: true`, got {backgrounds}")
@@ -139,7 +148,7 @@ class LabelMap:
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
             raise fail(f"binary_threshold: expected a non-negative integer, got {threshold!r}")
         ignore = data.get("ignore", [])
-        if not isinstance(ignore, list) or not all(_is_int(v) for v in ignore):
+        if not isinstance(ignore, list) or not all(is_int(v) for v in ignore):
             raise fail(f"ignore: expected a list of integer mask values, got {ignore!r}")
         overlap = set(ignore) & {c.value for c in classes if c.value is not None}
         if overlap:
@@ -147,9 +156,9 @@ class LabelMap:
         ignore_colors = data.get("ignore_colors", [])
         if not isinstance(ignore_colors, list):
             raise fail(f"ignore_colors: expected a list of [r, g, b], got {ignore_colors!r}")
-        parsed_ignore_colors = tuple(_parse_color(c, "ignore_colors", fail) for c in ignore_colors)
+        parsed_ignore_colors = tuple(parse_color(c, "ignore_colors", fail) for c in ignore_colors)
         tolerance = data.get("color_tolerance", 30.0)
-        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
+        if not is_number(tolerance) or tolerance < 0:
             raise fail(f"color_tolerance: expected a non-negative number, got {tolerance!r}")
         return cls(
             classes=tuple(classes),
@@ -184,6 +193,8 @@ class LabelMap:
                 entry["aliases"] = list(c.aliases)
             if c.line_width is not None:
                 entry["line_width"] = c.line_width
+            if not c.background:
+                entry["measure"] = c.measure  # always stated: the legacy rule must not apply on reading
             classes.append(entry)
         out: dict[str, Any] = {} if self.mask_format is None else {"mask_format": self.mask_format}
         if self.mask_format in ("binary", "per_class_dirs"):
@@ -236,6 +247,11 @@ class LabelMap:
         """Model index of the background stuff class, if there is one."""
         return next((i for i, c in enumerate(self.classes) if c.background), None)
 
+    @property
+    def crack_indices(self) -> list[int]:
+        """Model indices of the classes whose role is `measure: crack`."""
+        return [i for i, c in enumerate(self.classes) if c.measure == "crack"]
+
     def index_of(self, name: str) -> int:
         try:
             return self.label2id[name]
@@ -276,111 +292,6 @@ def load_coco_panoptic_categories() -> list[dict[str, Any]]:
     """COCO's 133 panoptic categories (ids, names, isthing, colours), shipped so `coco_base` works offline."""
     text = resources.files("hf_detr_seg").joinpath("coco_panoptic_categories.json").read_text()
     return json.loads(text)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _as_bool(value: Any, field_name: str, fail) -> bool:
-    if not isinstance(value, bool):
-        raise fail(f"{field_name}: expected true or false, got {value!r}")
-    return value
-
-
-def _parse_color(value: Any, field_name: str, fail) -> tuple[int, int, int]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 3
-        or not all(_is_int(v) and 0 <= v <= 255 for v in value)
-    ):
-        raise fail(f"{field_name}: expected [r, g, b] with integers 0..255, got {value!r}")
-    return (int(value[0]), int(value[1]), int(value[2]))
-
-
-def _parse_class(position: int, raw: Any, mask_format: str, fail) -> dict[str, Any]:
-    where = f"classes[{position}]"
-    if not isinstance(raw, dict):
-        raise fail(f"{where}: expected a mapping like {{name: crack, isthing: true}}, got {raw!r}")
-    unknown = set(raw) - _CLASS_KEYS
-    if unknown:
-        raise fail(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_CLASS_KEYS)}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise fail(f"{where}.name: expected a non-empty string, got {name!r}")
-    if "isthing" not in raw:
-        raise fail(f"{where} ({name}): `isthing` is required (true for countable defects, false for stuff)")
-    isthing = _as_bool(raw["isthing"], f"{where}.isthing", fail)
-    background = _as_bool(raw.get("background", False), f"{where}.background", fail)
-    value = raw.get("value")
-    if value is not None and not (_is_int(value) and value >= 0):
-        raise fail(f"{where} ({name}).value: expected a non-negative integer, got {value!r}")
-    if mask_format == "indexed" and value is None:
-        if not background:
-            raise fail(f"{where} ({name}): indexed masks need `value:` (the pixel value of this class)")
-        value = 0
-    color = raw.get("color")
-    if color is not None:
-        color = _parse_color(color, f"{where} ({name}).color", fail)
-    if mask_format == "color" and color is None:
-        if not background:
-            raise fail(f"{where} ({name}): color masks need `color: [r, g, b]`")
-        color = (0, 0, 0)
-    category_id = raw.get("category_id")
-    if category_id is not None and not (_is_int(category_id) and category_id > 0):
-        raise fail(f"{where} ({name}).category_id: expected a positive integer, got {category_id!r}")
-    supercategory = raw.get("supercategory", "background" if background else "defect")
-    aliases = raw.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
-        raise fail(f"{where} ({name}).aliases: expected a list of label names, got {aliases!r}")
-    line_width = raw.get("line_width")
-    if line_width is not None and not (_is_number(line_width) and line_width > 0):
-        raise fail(f"{where} ({name}).line_width: expected a positive number of pixels, got {line_width!r}")
-    return {
-        "name": name,
-        "isthing": isthing,
-        "background": background,
-        "value": value if mask_format == "indexed" else None,
-        "color": color,
-        "mask_color": mask_format == "color",
-        "category_id": category_id,
-        "supercategory": str(supercategory),
-        "aliases": tuple(aliases),
-        "line_width": float(line_width) if line_width is not None else None,
-    }
-
-
-def _check_unique(classes: list[dict[str, Any]], fail) -> None:
-    for key, label in (("name", "name"), ("value", "value"), ("color", "color")):
-        if key == "color" and not (classes and classes[0]["mask_color"]):
-            continue  # colours only have to differ where they encode the mask
-        seen: dict[Any, str] = {}
-        for c in classes:
-            v = c[key]
-            if v is None:
-                continue
-            if v in seen:
-                raise fail(f"classes: duplicate {label} {v!r} ({seen[v]!r} and {c['name']!r})")
-            seen[v] = c["name"]
-    spelled: dict[str, str] = {}  # every name and alias finds one class
-    for c in classes:
-        for label in (c["name"], *c["aliases"]):
-            if spelled.setdefault(label, c["name"]) != c["name"]:
-                raise fail(f"classes: label {label!r} is given to both {spelled[label]!r} and {c['name']!r}")
-
-
-def _parse_ignore_labels(raw: Any, classes: list[dict[str, Any]], fail) -> tuple[str, ...]:
-    if not isinstance(raw, list) or not all(isinstance(v, str) and v.strip() for v in raw):
-        raise fail(f"ignore_labels: expected a list of label names, got {raw!r}")
-    known = {label for c in classes for label in (c["name"], *c["aliases"])}
-    clash = sorted(set(raw) & known)
-    if clash:
-        raise fail(f"ignore_labels: {clash} are also class names or aliases")
-    return tuple(raw)
 
 
 def _resolve_ids(user: list[dict[str, Any]], coco_base: bool, fail) -> list[ClassInfo]:
@@ -425,6 +336,7 @@ def _resolve_ids(user: list[dict[str, Any]], coco_base: bool, fail) -> list[Clas
                 supercategory=c["supercategory"],
                 aliases=c["aliases"],
                 line_width=c["line_width"],
+                measure=c["measure"] or "area",
             )
         )
     return classes
@@ -440,9 +352,9 @@ def _parse_instances(raw: Any, fail) -> InstanceRules:
     if connectivity not in (4, 8):
         raise fail(f"instances.connectivity: expected 4 or 8, got {connectivity!r}")
     min_area = raw.get("min_area", 0)
-    if not _is_int(min_area) or min_area < 0:
+    if not is_int(min_area) or min_area < 0:
         raise fail(f"instances.min_area: expected a non-negative integer, got {min_area!r}")
     merge = raw.get("merge_distance", 0)
-    if not isinstance(merge, (int, float)) or isinstance(merge, bool) or merge < 0:
+    if not is_number(merge) or merge < 0:
         raise fail(f"instances.merge_distance: expected a non-negative number, got {merge!r}")
     return InstanceRules(connectivity=connectivity, min_area=min_area, merge_distance=float(merge))

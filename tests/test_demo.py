@@ -60,7 +60,7 @@ def test_labels_yaml_round_trips(demo_dir: Path) -> None:
     assert DEMO_LABELS == {
         "mask_format": "indexed",
         "classes": [
-            {"name": "crack", "isthing": True, "value": 1},
+            {"name": "crack", "isthing": True, "value": 1, "measure": "crack"},
             {"name": "spalling", "isthing": True, "value": 2},
             {"name": "efflorescence", "isthing": True, "value": 3},
             {"name": "corrosion", "isthing": True, "value": 4},

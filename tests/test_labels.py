@@ -110,3 +110,51 @@ def test_missing_and_broken_files(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("classes: [unclosed")
     with pytest.raises(LabelMapError, match="bad.yaml: not valid YAML"):
         LabelMap.from_yaml(tmp_path / "bad.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ roles
+def roles(classes: list[dict]) -> dict[str, str]:
+    label_map = LabelMap.from_dict({"mask_format": "indexed", "classes": classes})
+    return {c.name: c.measure for c in label_map.classes if not c.background}
+
+
+def test_measure_role_is_read_from_the_class_not_its_name():
+    assert roles([{"name": "Riss", "isthing": False, "value": 1, "measure": "crack"},
+                  {"name": "crack", "isthing": True, "value": 2},
+                  {"name": "spalling", "isthing": True, "value": 3, "measure": "area"}]) == {
+        "Riss": "crack", "crack": "area", "spalling": "area"}
+
+
+def test_label_map_without_roles_keeps_its_crack_class():
+    """The documented fallback: no class is `measure: crack`, so the class named crack (any case) is one."""
+    assert roles([{"name": "Crack", "isthing": True, "value": 1}, {"name": "rust", "isthing": True, "value": 2}]) == {
+        "Crack": "crack", "rust": "area"}
+    assert roles([{"name": "crack", "isthing": True, "value": 1, "measure": "area"}]) == {"crack": "area"}
+    assert roles([{"name": "hairline_crack", "isthing": True, "value": 1}]) == {"hairline_crack": "area"}
+
+
+def test_roles_survive_the_resolved_yaml_and_the_model_config(tmp_path: Path):
+    label_map = LabelMap.from_dict({"mask_format": "indexed", "classes": [
+        {"name": "Riss", "isthing": False, "value": 1, "measure": "crack"},
+        {"name": "crack", "isthing": True, "value": 2},
+        {"name": "surface", "isthing": False, "background": True, "value": 0}]})
+    label_map.save_yaml(tmp_path / "labels.yaml")
+    written = yaml.safe_load((tmp_path / "labels.yaml").read_text())
+    assert [c.get("measure") for c in written["classes"]] == ["crack", "area", None]
+    assert LabelMap.from_yaml(tmp_path / "labels.yaml") == label_map
+    assert label_map.crack_indices == [0]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "Riss", "isthing": True, "value": 1, "measure": "length"},
+         "classes[0] (Riss).measure: 'length' is not one of ['crack', 'area']"),
+        ({"name": "sky", "isthing": False, "background": True, "value": 0, "measure": "crack"},
+         "classes[0] (sky).measure: the background class is not measured"),
+    ],
+)
+def test_bad_measure_role_names_the_file_and_field(entry, message):
+    with pytest.raises(LabelMapError) as err:
+        LabelMap.from_dict({"mask_format": "indexed", "classes": [entry]}, source="my/labels.yaml")
+    assert str(err.value) == f"my/labels.yaml: {message}"

@@ -20,7 +20,7 @@ CRACK, SPALLING, EFFLORESCENCE, CORROSION = 1, 2, 3, 4
 DEMO_LABELS: dict = {
     "mask_format": "indexed",
     "classes": [
-        {"name": "crack", "isthing": True, "value": CRACK},
+        {"name": "crack", "isthing": True, "value": CRACK, "measure": "crack"},
         {"name": "spalling", "isthing": True, "value": SPALLING},
         {"name": "efflorescence", "isthing": True, "value": EFFLORESCENCE},
         {"name": "corrosion", "isthing": True, "value": CORROSION},

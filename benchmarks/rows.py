@@ -233,8 +233,8 @@ def _mask_loss_inputs(seed: int = 0) -> MaskLossInputs:
     """Random elliptic targets, and mask logits that follow each matched target with smooth borders.
 
     Matched queries get logits ramping from -4 to +4 over about `MASK_LOGIT_RAMP` mask-head cells across the
-    target's border (a plausible, not yet sharp, prediction: the regime where DetrCriterion's docstring puts the
-    two resolutions within a few percent); unmatched queries a constant -4 (no loss reads them).
+    target's border (a plausible, not yet sharp, prediction); unmatched queries a constant -4 (no loss reads
+    them).
     """
     import torch
     import torch.nn.functional as F
@@ -266,8 +266,8 @@ def _mask_loss_inputs(seed: int = 0) -> MaskLossInputs:
 def mask_loss_workload(side: str) -> Callable[[], dict[str, float]]:
     """Build the inputs of one side (not measured); return its measured step, the mask loss + backward.
 
-    Ours: stage 2's call with its defaults, `DetrCriterion(losses=("masks",))` (target resolution, chunks of
-    `MASK_CHUNK_PIXELS` under activation checkpointing) on the matched queries' logits only ([N_matched, h, w],
+    Ours: stage 2's call with its defaults, `DetrCriterion(losses=("masks",))` (chunks of `MASK_CHUNK_PIXELS`
+    under activation checkpointing) on the matched queries' logits only ([N_matched, h, w],
     as `run_mask_head` returns them) with the given matching. Reference: what
     `DetrForSegmentation(labels=...)` calls, transformers' `ForSegmentationLoss` (it rematches, selects the
     matched queries of [B, Q, h, w] and upsamples them to the padded target size); its detection terms have no

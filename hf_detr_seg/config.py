@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import UserInputError
-from .losses import MASK_LOSSES, MASK_RESOLUTIONS, LossWeights
+from .losses import MASK_LOSSES, LossWeights
 from .mask_head_init import DEFAULT_ATTENTION_GAIN
 
 
@@ -55,9 +55,6 @@ class TrainConfig:
     augment: bool = True
     num_workers: int = 0
     mask_loss: str = "focal+dice"
-    # Stage 2: "target" upsamples mask logits to the padded input as DETR does; "prediction" pools the targets
-    # to the mask head's resolution instead (16x less loss memory; losses.DetrCriterion).
-    mask_loss_resolution: str = "target"
     # Stage 2: keep the frozen detector's outputs per image after its first batch and run only the mask head
     # on later epochs (detector_cache.py); needs `augment: false`. Bounded by detector_cache_gib.
     cache_detector_outputs: bool = False
@@ -91,10 +88,6 @@ class TrainConfig:
             raise UserInputError(f"stage: expected 1 or 2, got {self.stage!r}")
         if self.mask_loss not in MASK_LOSSES:
             raise UserInputError(f"--mask_loss: expected one of {list(MASK_LOSSES)}, got {self.mask_loss!r}")
-        if self.mask_loss_resolution not in MASK_RESOLUTIONS:
-            raise UserInputError(
-                f"--mask_loss_resolution: expected one of {list(MASK_RESOLUTIONS)}, got {self.mask_loss_resolution!r}"
-            )
         if self.cache_detector_outputs and self.stage != 2:
             raise UserInputError("--cache_detector_outputs: only stage 2 has a frozen detector to cache")
         if self.cache_detector_outputs and self.augment:

@@ -12,16 +12,14 @@ Why not `DetrForSegmentation(labels=...)`'s own loss (transformers 5, `loss/loss
 - It upsamples every matched mask's logits to the padded input size at once and keeps all the loss
   intermediates for the backward pass (about 10 tensors of N x H x W floats: 1.5 GiB for 40 masks at 800 px).
   Ours computes the same terms a chunk of masks at a time under activation checkpointing (`loss_masks`), so
-  memory holds one chunk; the opt-in `mask_resolution="prediction"` path computes them at the head's 1/4
-  resolution instead.
+  memory holds one chunk.
 
 What we reuse from transformers, unchanged: `HungarianMatcher` (the scipy Hungarian matching of DETR's
 `models/matcher.py`; we only add the all-empty-batch case it cannot reshape) and the box utilities
-`center_to_corners_format` / `generalized_box_iou`. `sigmoid_focal_loss` and `dice_loss` are re-written, equal
-to transformers' on binary targets (tested), so that they extend correctly to the soft targets of the
-prediction-resolution path (focal linear in the target; dice with a resolution-aware smoothing constant).
-With integer weights and one process, `DetrCriterion` at `mask_resolution="target"` gives the same numbers as
-transformers' `ForSegmentationLoss` (tested).
+`center_to_corners_format` / `generalized_box_iou`. The focal and dice terms are computed per mask
+(`focal_per_mask`, `dice_per_mask`: equal to transformers' `sigmoid_focal_loss` / `dice_loss` summed, tested) so
+that a batch can be scored a chunk of masks at a time. With integer weights and one process, `DetrCriterion`
+gives the same numbers as transformers' `ForSegmentationLoss` (tested).
 
 Terms, as in DETR (facebookresearch/detr `models/detr.py` SetCriterion, `models/segmentation.py`):
 - "labels": cross-entropy over all queries, unmatched queries get the no-object class (index `num_classes`)
@@ -48,7 +46,6 @@ from transformers.loss.loss_for_object_detection import HungarianMatcher, genera
 
 LOSS_TERMS = ("labels", "boxes", "masks", "cardinality")
 MASK_LOSSES = ("focal", "dice", "focal+dice")
-MASK_RESOLUTIONS = ("target", "prediction")
 # Canvas pixels of matched masks computed at once (16 MiB per float32 intermediate): larger batches are split
 # into chunks of masks under activation checkpointing. 800 x 1066 DETR canvases: 4 masks a chunk.
 MASK_CHUNK_PIXELS = 1 << 22
@@ -87,15 +84,13 @@ class LossWeights:
 
 
 def focal_per_mask(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """RetinaNet's sigmoid focal loss of each mask, averaged over its pixels: [N].
+    """RetinaNet's sigmoid focal loss of each mask, averaged over its pixels: [N] (a mask's term on its own, so
+    that masks can be scored a chunk at a time).
 
-    Written as t * FL(z, 1) + (1 - t) * FL(z, 0), i.e. linear in the target t. For binary targets this is
-    exactly transformers' (and DETR's) `sigmoid_focal_loss`; for a soft target t (the covered fraction of a
-    prediction cell) it is the mean of the binary losses over the cell's pixels, which is what makes the
-    prediction-resolution path exact for a cell-wise constant logit. (transformers' version puts t inside the
-    modulating factor (1 - p_t)^gamma, which is not linear in t.) `alpha < 0` disables the alpha weighting.
+    Each pixel's loss is that of its target, 1 (-alpha (1 - p)^gamma log p) or 0 (-(1 - alpha) p^gamma
+    log(1 - p)), as in transformers' (and DETR's) `sigmoid_focal_loss`. `alpha < 0` disables the alpha weighting.
 
-    logits, targets: [N, ...] mask logits and targets in [0, 1].
+    logits, targets: [N, ...] mask logits and binary targets.
     """
     logits = logits.flatten(1)
     targets = targets.flatten(1)
@@ -110,30 +105,13 @@ def focal_per_mask(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: 
 def dice_per_mask(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
     """DETR's dice loss of each mask, 1 - (2|P∩T| + s) / (|P| + |T| + s): [N].
 
-    The smoothing constant `s` is a count of pixels, so the prediction-resolution path passes `s = h*w / (H*W)`:
-    one *target* pixel expressed in prediction cells, which keeps the term equal to the target-resolution one
-    when the masks are smooth.
-
-    logits, targets: [N, ...] mask logits and (possibly soft) targets in [0, 1].
+    logits, targets: [N, ...] mask logits and binary targets.
     """
     probs = logits.sigmoid().flatten(1)
     targets = targets.flatten(1)
     numerator = 2 * (probs * targets).sum(1)
     denominator = probs.sum(1) + targets.sum(1)
     return 1 - (numerator + smooth) / (denominator + smooth)
-
-
-def sigmoid_focal_loss(
-    logits: Tensor, targets: Tensor, num_boxes: Tensor | float, alpha: float = 0.25, gamma: float = 2.0
-) -> Tensor:
-    """DETR's focal mask loss: `focal_per_mask` summed over masks, / `num_boxes` (= transformers' on binary
-    targets)."""
-    return focal_per_mask(logits, targets, alpha, gamma).sum() / num_boxes
-
-
-def dice_loss(logits: Tensor, targets: Tensor, num_boxes: Tensor | float, smooth: float = 1.0) -> Tensor:
-    """DETR's dice loss: `dice_per_mask` summed over masks, / `num_boxes` (= transformers' for `smooth=1`)."""
-    return dice_per_mask(logits, targets, smooth).sum() / num_boxes
 
 
 def _num_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device | str) -> Tensor:
@@ -197,6 +175,22 @@ def _canvas(targets: Sequence[dict[str, Tensor]]) -> tuple[int, int]:
     return max(t["masks"].shape[-2] for t in targets), max(t["masks"].shape[-1] for t in targets)
 
 
+def _at_canvas(
+    source: Tensor, pieces: Sequence[tuple[Tensor, Tensor]], canvas: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """`source` [n, h, w] mask logits upsampled to the padded `canvas` (bilinear, as DETR), and the target masks
+    `pieces` ((masks, rows) per image, n rows in all) zero-padded bottom/right to it; both flattened: [n, H*W].
+    Only matched target masks are ever copied."""
+    height, width = canvas
+    target_list = []
+    for masks, rows in pieces:
+        chosen = masks[rows].to(source.device, torch.float)
+        target_list.append(F.pad(chosen, (0, width - chosen.shape[-1], 0, height - chosen.shape[-2])))
+    target_masks = torch.cat(target_list) if target_list else source.new_zeros(0, height, width)
+    source = F.interpolate(source[:, None], size=canvas, mode="bilinear", align_corners=False)[:, 0]
+    return source.flatten(1), target_masks.flatten(1)
+
+
 class DetrCriterion(nn.Module):
     """DETR's set criterion: Hungarian matching, then the selected loss terms and their weighted sum.
 
@@ -206,13 +200,6 @@ class DetrCriterion(nn.Module):
         losses: terms to compute, a subset of `LOSS_TERMS`.
         mask_loss: "focal", "dice" or "focal+dice" (DETR uses both).
         matcher_costs: (class, bbox, giou) costs of the Hungarian matcher (DETR: 1, 5, 2).
-        mask_resolution: "target" (DETR: mask logits bilinearly upsampled to the padded target size) or
-            "prediction" (target masks area-pooled to the logits' size, giving soft targets in [0, 1]). The
-            second keeps the mask-term tensors (logits, targets, their gradients) (stride)^2 = 16 x smaller.
-            It is exactly the target-resolution loss of *nearest*-upsampled logits (a logit constant over each
-            stride x stride cell) when the padded size is a multiple of h, w; the reference upsamples
-            bilinearly, so the two differ only along mask borders: close for smooth logits (focal +3 %, dice
-            0.1 % at 0.1 logit per pixel), the focal term drifting up as logits sharpen (+8 % at 0.2).
         mask_chunk_pixels: how many canvas pixels of matched masks the mask terms hold at once; a batch with
             more is computed a chunk of masks at a time with activation checkpointing (same values, a
             fraction of the memory, one more forward of the loss in the backward pass).
@@ -225,7 +212,6 @@ class DetrCriterion(nn.Module):
         losses: Sequence[str] = ("labels", "boxes"),
         mask_loss: str = "focal+dice",
         matcher_costs: tuple[float, float, float] = (1.0, 5.0, 2.0),
-        mask_resolution: str = "target",
         mask_chunk_pixels: int = MASK_CHUNK_PIXELS,
     ) -> None:
         super().__init__()
@@ -234,8 +220,6 @@ class DetrCriterion(nn.Module):
             raise ValueError(f"losses={list(losses)!r}: expected a non-empty subset of {LOSS_TERMS}")
         if mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss={mask_loss!r}: expected one of {MASK_LOSSES}")
-        if mask_resolution not in MASK_RESOLUTIONS:
-            raise ValueError(f"mask_resolution={mask_resolution!r}: expected one of {MASK_RESOLUTIONS}")
         if mask_chunk_pixels < 1:
             raise ValueError(f"mask_chunk_pixels={mask_chunk_pixels!r}: expected a positive number of pixels")
         if len(matcher_costs) != 3:
@@ -244,7 +228,6 @@ class DetrCriterion(nn.Module):
         self.weights = weights
         self.losses = tuple(losses)
         self.mask_loss = mask_loss
-        self.mask_resolution = mask_resolution
         self.mask_chunk_pixels = mask_chunk_pixels
         class_cost, bbox_cost, giou_cost = matcher_costs
         self.matcher = HungarianMatcher(class_cost=class_cost, bbox_cost=bbox_cost, giou_cost=giou_cost)
@@ -299,52 +282,16 @@ class DetrCriterion(nn.Module):
         expected = torch.as_tensor([float(len(t["class_labels"])) for t in targets], device=logits.device)
         return {"cardinality_error": F.l1_loss(predicted, expected)}
 
-    def prepare_masks(
-        self, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]], indices: Indices
-    ) -> tuple[Tensor, Tensor]:
-        """Matched mask logits and their targets, both [N_matched, P] float32 at the loss resolution, in one
-        piece (what `loss_masks` computes chunk by chunk when the batch is larger than `mask_chunk_pixels`).
-
-        `pred_masks` is either [B, Q, h, w] (every query; the matched ones are selected) or [N_matched, h, w]
-        (the mask head ran on the matched queries only, in `matched_query_index` order). Target masks are
-        zero-padded bottom/right to the largest size in the batch (the padded input, as DETR's nested tensor),
-        then either the logits are upsampled to it (P = H*W, "target") or the targets are area-pooled to the
-        logits' size (P = h*w, "prediction"). Only matched target masks are ever copied.
-        """
-        source = matched_mask_logits(pred_masks, indices)
-        return self._at_loss_resolution(source, _matched_targets(targets, indices), _canvas(targets))
-
-    def _at_loss_resolution(
-        self, source: Tensor, pieces: Sequence[tuple[Tensor, Tensor]], canvas: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
-        """`source` [n, h, w] logits and the target masks `pieces` ((masks, rows) per image, n rows in all), both
-        brought to the loss resolution and flattened: [n, P]."""
-        height, width = canvas
-        low_res = tuple(source.shape[-2:])
-        target_list = []
-        for masks, rows in pieces:
-            chosen = masks[rows].to(source.device, torch.float)
-            chosen = F.pad(chosen, (0, width - chosen.shape[-1], 0, height - chosen.shape[-2]))
-            if self.mask_resolution == "prediction":
-                chosen = F.adaptive_avg_pool2d(chosen[:, None], low_res)[:, 0]  # = interpolate(mode="area")
-            target_list.append(chosen)
-        target_masks = torch.cat(target_list) if target_list else source.new_zeros(0, *low_res)
-        if self.mask_resolution == "target":
-            source = F.interpolate(source[:, None], size=canvas, mode="bilinear", align_corners=False)[:, 0]
-        return source.flatten(1), target_masks.flatten(1)
-
     def _mask_terms_per_mask(
         self, source: Tensor, pieces: Sequence[tuple[Tensor, Tensor]], canvas: tuple[int, int]
     ) -> dict[str, Tensor]:
         """The selected mask terms of each of the n masks of `source` [n, h, w]: {term: [n]}."""
-        logits, target = self._at_loss_resolution(source, pieces, canvas)
-        # One target pixel expressed in loss pixels: 1 at target resolution, h*w/(H*W) at prediction resolution.
-        smooth = logits.shape[-1] / (canvas[0] * canvas[1])
+        logits, target = _at_canvas(source, pieces, canvas)
         terms = {}
         if "focal" in self.mask_loss:
             terms["loss_mask"] = focal_per_mask(logits, target, self.weights.focal_alpha, self.weights.focal_gamma)
         if "dice" in self.mask_loss:
-            terms["loss_dice"] = dice_per_mask(logits, target, smooth)
+            terms["loss_dice"] = dice_per_mask(logits, target)
         return terms
 
     def _mask_chunks(

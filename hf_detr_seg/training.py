@@ -187,8 +187,7 @@ def load_model(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
 
 def build_criterion(config: TrainConfig, num_classes: int) -> DetrCriterion:
     losses = ("labels", "boxes") if config.stage == 1 else ("masks",)
-    return DetrCriterion(num_classes, config.loss_weights(), losses=losses, mask_loss=config.mask_loss,
-                         mask_resolution=config.mask_loss_resolution)
+    return DetrCriterion(num_classes, config.loss_weights(), losses=losses, mask_loss=config.mask_loss)
 
 
 def build_optimizer(

@@ -1,8 +1,8 @@
 """Tests for the project's DETR criterion (`hf_detr_seg.losses`).
 
 The reference is transformers' own DETR segmentation loss (`ForSegmentationLoss` -> `ImageLoss`), called on the
-same inputs with integer weights; the faster paths (matched-only masks, prediction-resolution masks) are tested
-on loss values and gradients against the reference path.
+same inputs with integer weights; the faster paths (matched-only masks, chunked mask terms) are tested on loss
+values and gradients against the reference path.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from hf_detr_seg.losses import (
     DetrCriterion,
     LossWeights,
     _num_boxes,
-    dice_loss,
+    dice_per_mask,
+    focal_per_mask,
     matched_query_index,
-    sigmoid_focal_loss,
 )
 
 K, Q, H, W = 3, 6, 32, 40  # classes, queries, padded target size; predicted masks at 1/4: 8 x 10
@@ -117,30 +117,16 @@ def test_equals_transformers_detr_loss(counts, sizes) -> None:
     assert ours["loss"].item() == pytest.approx(ref_loss.item(), abs=1e-5)
 
 
-def test_focal_and_dice_equal_transformers_on_binary_targets() -> None:
+def test_per_mask_focal_and_dice_sum_to_transformers_on_binary_targets() -> None:
     gen = torch.Generator().manual_seed(1)
     logits = 3 * torch.randn(5, 7, 9, generator=gen)
     targets = (torch.rand(5, 7, 9, generator=gen) > 0.5).float()
     for alpha, gamma in [(0.25, 2.0), (0.6, 1.0), (-1.0, 2.0)]:
-        ours = sigmoid_focal_loss(logits, targets, 2.5, alpha=alpha, gamma=gamma)
+        ours = focal_per_mask(logits, targets, alpha=alpha, gamma=gamma).sum() / 2.5
         ref = hf_loss.sigmoid_focal_loss(logits.flatten(1), targets.flatten(1), 2.5, alpha=alpha, gamma=gamma)
         assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
     ref_dice = hf_loss.dice_loss(logits, targets.flatten(1), 2.5)
-    assert dice_loss(logits, targets, 2.5).item() == pytest.approx(ref_dice.item(), abs=1e-6)
-
-
-def test_focal_is_linear_in_soft_targets() -> None:
-    """Per pixel, a soft target t gives t * FL(z, 1) + (1 - t) * FL(z, 0): the mean over a cell's sharp pixels."""
-    logits = torch.linspace(-4, 4, 12).reshape(12, 1)
-    t = torch.linspace(0, 1, 12).reshape(12, 1)
-    per_pixel = [sigmoid_focal_loss(z[None], tt[None], 1.0) for z, tt in zip(logits, t)]
-    pos = [sigmoid_focal_loss(z[None], torch.ones(1, 1), 1.0) for z in logits]
-    neg = [sigmoid_focal_loss(z[None], torch.zeros(1, 1), 1.0) for z in logits]
-    for value, tt, p, n in zip(per_pixel, t.flatten(), pos, neg):
-        assert value.item() == pytest.approx((tt * p + (1 - tt) * n).item(), abs=1e-7)
-    # transformers' version is not linear in t (t inside the modulating factor): the reason we own ours
-    ref = hf_loss.sigmoid_focal_loss(logits[5:6], t[5:6], 1.0)
-    assert ref.item() != pytest.approx(per_pixel[5].item(), rel=1e-3)
+    assert (dice_per_mask(logits, targets).sum() / 2.5).item() == pytest.approx(ref_dice.item(), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- weights, terms
@@ -182,8 +168,6 @@ def test_mask_loss_selection(mask_loss: str, keys: set[str]) -> None:
 def test_invalid_options_are_named() -> None:
     with pytest.raises(ValueError, match="mask_loss"):
         DetrCriterion(K, mask_loss="bce")
-    with pytest.raises(ValueError, match="mask_resolution"):
-        DetrCriterion(K, mask_resolution="half")
     with pytest.raises(ValueError, match="losses"):
         DetrCriterion(K, losses=("labels", "mask"))
     outputs, targets = _batch()
@@ -274,10 +258,9 @@ def test_distributed_normalisation_differs_from_transformers(monkeypatch: pytest
 
 
 # ----------------------------------------------------------------------------- matched-only and given indices
-@pytest.mark.parametrize("resolution", ["target", "prediction"])
-def test_matched_only_pred_masks_equal_full(resolution: str) -> None:
+def test_matched_only_pred_masks_equal_full() -> None:
     outputs, targets = _batch((3, 2), grad=True)
-    criterion = DetrCriterion(K, losses=("labels", "boxes", "masks"), mask_resolution=resolution)
+    criterion = DetrCriterion(K, losses=("labels", "boxes", "masks"))
     indices = criterion.match(outputs["logits"], outputs["pred_boxes"], targets)
     head_output = outputs["pred_masks"]  # stands in for what the mask head would compute per query
 
@@ -322,14 +305,13 @@ def _saved_bytes(fn) -> tuple[object, int]:
     return result, total
 
 
-@pytest.mark.parametrize("resolution", ["target", "prediction"])
 @pytest.mark.parametrize("rows_per_chunk", [1, 2, 4])
-def test_chunked_mask_terms_equal_one_piece(resolution: str, rows_per_chunk: int) -> None:
+def test_chunked_mask_terms_equal_one_piece(rows_per_chunk: int) -> None:
     """Chunks of 1, 2 or 4 masks (crossing image borders, an empty image, unequal sizes) give the same terms and
     the same gradient as computing every matched mask at once."""
     outputs, targets = _batch((3, 0, 4), sizes=[(H, W), (H, W), (H - 5, W - 9)], grad=True)
-    whole = DetrCriterion(K, losses=("masks",), mask_resolution=resolution)
-    chunked = DetrCriterion(K, losses=("masks",), mask_resolution=resolution, mask_chunk_pixels=rows_per_chunk * H * W)
+    whole = DetrCriterion(K, losses=("masks",))
+    chunked = DetrCriterion(K, losses=("masks",), mask_chunk_pixels=rows_per_chunk * H * W)
     indices = whole.match(outputs["logits"], outputs["pred_boxes"], targets)
     assert len(chunked._mask_chunks(targets, indices, (H, W))) == math.ceil(7 / rows_per_chunk)
     assert len(whole._mask_chunks(targets, indices, (H, W))) == 1
@@ -371,76 +353,11 @@ def test_mask_chunk_pixels_must_be_positive() -> None:
         DetrCriterion(K, mask_chunk_pixels=0)
 
 
-# ---------------------------------------------------------------------------------- prediction resolution
-def _smooth_masks(slope: float, seed: int = 0):
-    """Discs at 64 x 64 and 16 x 16 mask logits that are a smooth (linear in distance) guess of them."""
-    gen = torch.Generator().manual_seed(seed)
-    size, low = 64, 16
-
-    def distance(cx: float, cy: float, n: int) -> torch.Tensor:
-        centres = (torch.arange(n) + 0.5) * (size / n)  # pixel centres in target pixels
-        yy, xx = torch.meshgrid(centres, centres, indexing="ij")
-        return torch.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-
-    masks, logits = [], []
-    for _ in range(4):
-        cx, cy = (12 + 40 * torch.rand(2, generator=gen)).tolist()
-        r = 6 + 10 * torch.rand(1, generator=gen).item()
-        masks.append(distance(cx, cy, size) < r)
-        logits.append(slope * (1.1 * r - distance(cx + 3, cy - 2, low)))
-    targets = [
-        {"class_labels": torch.zeros(2, dtype=torch.int64), "boxes": torch.full((2, 4), 0.5), "masks": torch.stack(m)}
-        for m in (masks[:2], masks[2:])
-    ]
-    indices = [(torch.arange(2), torch.arange(2))] * 2
-    return torch.stack(logits), targets, indices
-
-
-def test_prediction_resolution_uses_small_intermediates() -> None:
-    logits, targets, indices = _smooth_masks(0.2)
-    sizes = {}
-    for resolution in ("target", "prediction"):
-        source, target = DetrCriterion(K, mask_resolution=resolution).prepare_masks(logits, targets, indices)
-        assert source.shape == target.shape
-        sizes[resolution] = source.shape
-    assert sizes["target"] == (4, 64 * 64)
-    assert sizes["prediction"] == (4, 16 * 16)  # 16 x fewer elements, for the logits and their gradient
-    _, soft = DetrCriterion(K, mask_resolution="prediction").prepare_masks(logits, targets, indices)
-    assert soft.min() >= 0 and soft.max() <= 1 and ((soft > 0) & (soft < 1)).any()  # area-pooled: soft
-
-
-def test_prediction_resolution_is_exact_for_cellwise_constant_logits() -> None:
-    """Area-pooled targets + linear-in-t focal + dice smoothing h*w/(H*W) = the target-resolution loss of
-    nearest-upsampled logits, exactly; so the two paths differ only by bilinear vs constant logits in a cell."""
-    logits, targets, indices = _smooth_masks(0.8)
-    criterion = {r: DetrCriterion(K, losses=("masks",), mask_resolution=r) for r in ("target", "prediction")}
-    low = criterion["prediction"]({"pred_masks": logits}, targets, indices)
-    nearest = logits.repeat_interleave(4, 1).repeat_interleave(4, 2)
-    high = criterion["target"]({"pred_masks": nearest}, targets, indices)
-    for name in ("loss_mask", "loss_dice"):
-        assert low[name].item() == pytest.approx(high[name].item(), abs=1e-5), name
-
-
-def test_prediction_resolution_close_to_target_on_smooth_masks() -> None:
-    """Logits rising 0.1 per target pixel (0.4 per prediction cell): focal within 5 %, dice within 1 %.
-    (Measured: focal +2.6 %, dice -0.1 %; the focal gap grows with sharper logits, +8 % at 0.2 per pixel.)"""
-    logits, targets, indices = _smooth_masks(0.1)
-    results = {
-        r: DetrCriterion(K, losses=("masks",), mask_resolution=r)({"pred_masks": logits}, targets, indices)
-        for r in ("target", "prediction")
-    }
-    target, prediction = results["target"], results["prediction"]
-    assert prediction["loss_mask"].item() == pytest.approx(target["loss_mask"].item(), rel=0.05)
-    assert prediction["loss_dice"].item() == pytest.approx(target["loss_dice"].item(), rel=0.01)
-    assert prediction["loss"].item() == pytest.approx(target["loss"].item(), rel=0.01)
-
-
 # --------------------------------------------------------------------------------------------- empty targets
-@pytest.mark.parametrize("resolution", ["target", "prediction"])
 @pytest.mark.parametrize("counts", [(2, 0), (0, 0)], ids=["one-empty", "all-empty"])
-def test_empty_targets_give_finite_loss(counts, resolution: str) -> None:
+def test_empty_targets_give_finite_loss(counts) -> None:
     outputs, targets = _batch(counts, grad=True)
-    criterion = DetrCriterion(K, losses=ALL_TERMS, mask_resolution=resolution)
+    criterion = DetrCriterion(K, losses=ALL_TERMS)
     out = criterion(outputs, targets)
     assert all(math.isfinite(v.item()) for v in out.values())
     out["loss"].backward()

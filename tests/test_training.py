@@ -208,16 +208,6 @@ def test_missing_or_invalid_dataset(tmp_path: Path):
         run(settings(tmp_path / "nowhere", tmp_path / "out"))
 
 
-def test_mask_loss_resolution_setting_reaches_the_criterion(tmp_path: Path):
-    from hf_detr_seg.training import build_criterion
-
-    config = TrainConfig(stage=2, mask_loss_resolution="prediction")
-    assert build_criterion(config, num_classes=3).mask_resolution == "prediction"
-    assert build_criterion(TrainConfig(stage=2), num_classes=3).mask_resolution == "target"
-    with pytest.raises(UserInputError, match="--mask_loss_resolution"):
-        TrainConfig(stage=2, mask_loss_resolution="half")
-
-
 def test_recipe_exit_code_and_config_precedence(tmp_path: Path, dataset: Path):
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 0.5\nimage_size: 64\nstage2: {learning_rate: 0.25}\n")

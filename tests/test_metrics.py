@@ -17,8 +17,8 @@ from hf_detr_seg.metrics import (
     SemanticScores,
     box_map,
     pq_compute_folders,
-    _segment_positions,
 )
+from hf_detr_seg.metrics.segment_ids import segment_positions
 
 CATEGORIES = {
     1: {"name": "crack", "isthing": 1},
@@ -140,6 +140,14 @@ def test_accumulates_over_images_and_resets():
     assert crack["pq"] == pytest.approx(1 / 2)
     metric.reset()
     assert metric.compute()["n"] == 0 and metric.compute()["pq"] == 0.0
+
+
+def test_image_without_gt_segments():
+    """All void in gt: a prediction there lies on void (no FP); one of several images may have no gt at all."""
+    void = np.zeros((10, 10), dtype=np.int64)
+    result = pq_of((void, [], cols(0, 6, 3), [seg(3, 2)]), (cols(0, 10, 1), [seg(1, 1)], cols(0, 10, 1), [seg(1, 1)]))
+    assert result["per_class"]["spalling"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    assert result["pq"] == 1.0 and result["n"] == 1
 
 
 def test_inconsistent_segments_are_data_errors():
@@ -284,7 +292,7 @@ def test_large_ids_map_to_segment_positions_as_a_dict_would(num_listed):
     assert int(ids.max()) > 4 * ids.size  # beyond the lookup table
     position_of = {int(i): k + 1 for k, i in enumerate(listed)}
     expected = np.array([0 if i == 0 else position_of.get(int(i), num_listed + 1) for i in ids])
-    np.testing.assert_array_equal(_segment_positions(ids, listed, stride=3), 3 * expected)
+    np.testing.assert_array_equal(segment_positions(ids, listed, stride=3), 3 * expected)
 
 
 def test_folders_match_in_memory_and_pair_by_file_name(tmp_path):

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 # report.csv's columns when the run found no defect (otherwise the rows' own keys, in order).
-REPORT_COLUMNS = ("image", "segment_id", "class", "score", "area_px", "area", "bbox_x", "bbox_y", "bbox_w",
+REPORT_COLUMNS = ("image", "segment_id", "part", "class", "score", "area_px", "area", "bbox_x", "bbox_y", "bbox_w",
                   "bbox_h", "length", "max_width", "mean_width", "unit")
 _FALLBACK = (255, 0, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX

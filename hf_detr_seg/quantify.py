@@ -52,14 +52,13 @@ Everything below estimates those two quantities from the pixel grid:
 
 Acceptance (tests/test_quantify.py): straight bands 2, 6 and 10 px wide at 0-90 deg and 60-300 px long
 measure within 5 % of the segment's length and within a pixel of the width; arcs, a branched crack, a crack
-cut by the image border and the mm scale are tested too. All work is done on the segment's bounding-box crop,
-and `measure_segments` finds every box in one `scipy.ndimage.find_objects` pass.
+cut by the image border and the mm scale are tested too. All work is done on the segment's bounding-box crop
+(`segment_measures` measures a whole panoptic prediction with these functions).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -68,7 +67,8 @@ from skimage.morphology import skeletonize
 
 from .errors import UserInputError
 
-__all__ = ["crack_metrics", "measure_segments", "region_metrics"]
+__all__ = ["crack_metrics", "crack_in_box", "empty_crack", "empty_region", "pixel_scale", "region_in_box",
+           "region_metrics", "scaled"]
 
 # Vossepoel & Smeulders (1982), "Vector code probability and metrication error in the representation of
 # straight lines of finite length": the corner-count chain-code length estimator.
@@ -90,11 +90,11 @@ def crack_metrics(mask: np.ndarray, mm_per_pixel: float | None = None) -> dict[s
     "mm"}; length and widths are in `unit`, area in `unit`^2. An empty mask gives zeros.
     """
     mask = _as_mask(mask)
-    scale, unit = _scale(mm_per_pixel)
+    scale, unit = pixel_scale(mm_per_pixel)
     box = _bbox_slices(mask)
     if box is None:
-        return {**_empty_crack(), "unit": unit}
-    return _scaled(_crack_in_box(mask[box], box, mask.shape), scale, unit)
+        return {**empty_crack(), "unit": unit}
+    return scaled(crack_in_box(mask[box], box, mask.shape), scale, unit)
 
 
 def region_metrics(mask: np.ndarray, mm_per_pixel: float | None = None) -> dict[str, Any]:
@@ -104,55 +104,11 @@ def region_metrics(mask: np.ndarray, mm_per_pixel: float | None = None) -> dict[
     `bbox` is [x, y, w, h] in pixels. An empty mask gives area 0 and bbox [0, 0, 0, 0].
     """
     mask = _as_mask(mask)
-    scale, unit = _scale(mm_per_pixel)
+    scale, unit = pixel_scale(mm_per_pixel)
     box = _bbox_slices(mask)
     if box is None:
-        return {"area": 0.0, "bbox": [0, 0, 0, 0], "unit": unit}
-    return _scaled(_region_in_box(mask[box], box), scale, unit)
-
-
-def measure_segments(
-    id_map: Any,
-    segments: Sequence[dict],
-    class_names: Sequence[str],
-    crack_classes: Sequence[str] = ("crack",),
-    mm_per_pixel: float | None = None,
-) -> list[dict[str, Any]]:
-    """Measure every segment of a panoptic prediction, with the metrics its class calls for.
-
-    `id_map`: [H, W] segment ids, 0 = void (numpy array or CPU tensor, e.g. `PanopticPrediction.id_map`).
-    `segments`: dicts with "id" and "label_id" (model class index into `class_names`), as
-    `post_process_panoptic` gives them. Segments whose class name is in `crack_classes` (case-insensitive)
-    get `crack_metrics`, all others `region_metrics`. Returns one dict per segment, in order:
-    {"id", "label_id", "class_name", "kind": "crack" | "region", "score" (when the segment has one),
-    ...the metrics}. A segment absent from the map measures as empty.
-    """
-    ids = np.asarray(id_map.cpu() if hasattr(id_map, "cpu") else id_map)
-    if ids.ndim != 2:
-        raise UserInputError(f"id_map must be 2-D [H, W], got shape {ids.shape}")
-    scale, unit = _scale(mm_per_pixel)
-    cracks = {name.lower() for name in crack_classes}
-    boxes = _segment_boxes(ids, [int(s["id"]) for s in segments])
-    results = []
-    for segment in segments:
-        label = int(segment["label_id"])
-        if not 0 <= label < len(class_names):
-            raise UserInputError(f"segment {segment['id']}: label_id {label} is not an index of class_names")
-        name = class_names[label]
-        kind = "crack" if name.lower() in cracks else "region"
-        out: dict[str, Any] = {"id": int(segment["id"]), "label_id": label, "class_name": name, "kind": kind}
-        if "score" in segment:
-            out["score"] = float(segment["score"])
-        box = boxes.get(int(segment["id"]))
-        if box is None:
-            metrics = _empty_crack() if kind == "crack" else {"area": 0.0, "bbox": [0, 0, 0, 0]}
-            out.update(metrics, unit=unit)
-        else:
-            crop = ids[box] == int(segment["id"])
-            raw = _crack_in_box(crop, box, ids.shape) if kind == "crack" else _region_in_box(crop, box)
-            out.update(_scaled(raw, scale, unit))
-        results.append(out)
-    return results
+        return {**empty_region(), "unit": unit}
+    return scaled(region_in_box(mask[box], box), scale, unit)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -165,7 +121,8 @@ def _as_mask(mask: np.ndarray) -> np.ndarray:
     return mask if mask.dtype == bool else mask != 0
 
 
-def _scale(mm_per_pixel: float | None) -> tuple[float, str]:
+def pixel_scale(mm_per_pixel: float | None) -> tuple[float, str]:
+    """(factor, unit) of a `mm_per_pixel` setting (module docstring, Units); a bad scale is refused here, once."""
     if mm_per_pixel is None:
         return 1.0, "px"
     value = float(mm_per_pixel)
@@ -174,14 +131,20 @@ def _scale(mm_per_pixel: float | None) -> tuple[float, str]:
     return value, "mm"
 
 
-def _scaled(raw: dict[str, Any], scale: float, unit: str) -> dict[str, Any]:
+def scaled(raw: dict[str, Any], scale: float, unit: str) -> dict[str, Any]:
     """Pixel measurements to `unit`: lengths times the scale, areas times its square, boxes unchanged."""
     lengths = {key: raw[key] * scale for key in ("length", "max_width", "mean_width") if key in raw}
     return {**lengths, "area": raw["area"] * scale * scale, "bbox": raw["bbox"], "unit": unit}
 
 
-def _empty_crack() -> dict[str, Any]:
+def empty_crack() -> dict[str, Any]:
+    """The pixel measurements of a crack segment with no pixels (absent from the map)."""
     return {"length": 0.0, "max_width": 0.0, "mean_width": 0.0, "area": 0.0, "bbox": [0, 0, 0, 0]}
+
+
+def empty_region() -> dict[str, Any]:
+    """The pixel measurements of a region segment with no pixels."""
+    return {"area": 0.0, "bbox": [0, 0, 0, 0]}
 
 
 def _bbox_slices(mask: np.ndarray) -> tuple[slice, slice] | None:
@@ -191,36 +154,20 @@ def _bbox_slices(mask: np.ndarray) -> tuple[slice, slice] | None:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def _segment_boxes(ids: np.ndarray, wanted: list[int]) -> dict[int, tuple[slice, slice]]:
-    """Bounding-box slices of the wanted ids present in the map, from one `find_objects` pass.
-
-    Ids are first renumbered through `np.unique` when they are sparse (COCO-panoptic ids from RGB PNGs go up
-    to 2^24), so `find_objects` never allocates a list as long as the largest id.
-    """
-    if ids.size == 0 or not wanted:
-        return {}
-    if np.issubdtype(ids.dtype, np.integer) and ids.min() >= 0 and ids.max() <= 1 << 20:
-        objects = ndimage.find_objects(ids)
-        return {i: objects[i - 1] for i in wanted if 0 < i <= len(objects) and objects[i - 1] is not None}
-    values, inverse = np.unique(ids, return_inverse=True)
-    objects = ndimage.find_objects(inverse.reshape(ids.shape) + 1)
-    index = {int(v): k for k, v in enumerate(values)}
-    return {i: objects[index[i]] for i in wanted if i in index and i != 0}
-
-
 def _bbox_list(box: tuple[slice, slice]) -> list[int]:
     rows, cols = box
     return [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start]
 
 
-def _region_in_box(crop: np.ndarray, box: tuple[slice, slice]) -> dict[str, Any]:
+def region_in_box(crop: np.ndarray, box: tuple[slice, slice]) -> dict[str, Any]:
+    """Region measurements in pixels of the mask `crop` = mask[box]: its area and box."""
     return {"area": float(np.count_nonzero(crop)), "bbox": _bbox_list(box)}
 
 
 # ------------------------------------------------------------------------------------------------ cracks
 
 
-def _crack_in_box(crop: np.ndarray, box: tuple[slice, slice], image_shape: tuple[int, int]) -> dict[str, Any]:
+def crack_in_box(crop: np.ndarray, box: tuple[slice, slice], image_shape: tuple[int, int]) -> dict[str, Any]:
     """Crack measurements in pixels of the mask `crop` = mask[box] of an image of `image_shape`."""
     mask = np.pad(crop, 1)  # a background border: the skeleton, distance transform and rays need one
     origin = (box[0].start - 1, box[1].start - 1)  # image coordinates of mask[0, 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -342,14 +343,14 @@ def test_overlay_is_the_photo_with_segments_drawn(label_map: LabelMap):
 
 def test_report_csv_has_a_header_even_without_rows(tmp_path: Path):
     write_report_csv([], tmp_path / "empty.csv")
-    assert (tmp_path / "empty.csv").read_text().startswith("image,segment_id,class,score")
+    assert (tmp_path / "empty.csv").read_text().startswith("image,segment_id,part,class,score")
     write_report_csv([{"a": 1}, {"a": 2, "b": "x"}], tmp_path / "r.csv")
     assert list(csv.DictReader((tmp_path / "r.csv").open())) == [{"a": "1", "b": ""}, {"a": "2", "b": "x"}]
 
 
 # ------------------------------------------------------------------------------------------- predict_paths
 def test_predict_paths_writes_every_output_and_reports_failures(model_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    from hf_detr_seg.quantify import measure_segments
+    from hf_detr_seg.segment_measures import measure_segments
 
     fake = PerfectModel()
     monkeypatch.setattr(DefectSegmenter, "_predict_arrays", lambda self, arrays: fake(arrays))
@@ -377,7 +378,7 @@ def test_predict_paths_writes_every_output_and_reports_failures(model_dir: Path,
     sizes = {"a": (70, 90), "b": (80, 120), "c": (100, 60)}
     cracks = {"a": 1, "b": 2, "c": 1}
     rows = list(csv.DictReader((out / "report.csv").open()))
-    names = DefectSegmenter.from_pretrained(model_dir).names
+    saved_labels = DefectSegmenter.from_pretrained(model_dir).label_map
     for stem, size in sizes.items():
         ids = read_panoptic_png(out / f"{stem}_panoptic.png")
         assert ids.shape == size
@@ -387,8 +388,8 @@ def test_predict_paths_writes_every_output_and_reports_failures(model_dir: Path,
         assert (document["height"], document["width"]) == size and document["unit"] == "mm"
         assert {s["id"] for s in document["segments"]} == set(np.unique(ids)) - {0}
         assert [s["class"] for s in document["segments"]].count("crack") == cracks[stem]
-        measured = measure_segments(ids, [{"id": s["id"], "label_id": names.index(s["class"])}
-                                          for s in document["segments"]], names, mm_per_pixel=0.5)
+        measured = measure_segments(ids, [{"id": s["id"], "label_id": saved_labels.index_of(s["class"])}
+                                          for s in document["segments"]], saved_labels, mm_per_pixel=0.5)
         for s, m in zip(document["segments"], measured):
             assert s["area"] == (ids == s["id"]).sum()
             repeated = {"id", "label_id", "class_name", "bbox"}
@@ -443,3 +444,57 @@ def test_photos_read_as_the_dataset_builder_reads_them(tmp_path: Path, orientati
     for name in ("p.jpg", "p.png", "g.png"):
         np.testing.assert_array_equal(read_photo(tmp_path / name), np.asarray(read_image(tmp_path / name)))
     assert read_photo(tmp_path / "p.jpg").shape == ((50, 30, 3) if orientation in (6, 8) else (30, 50, 3))
+
+
+ROLE_LABELS = {"mask_format": "indexed", "classes": [
+    {"name": "Riss", "isthing": False, "value": 1, "measure": "crack"},
+    {"name": "crack", "isthing": True, "value": 2},  # named crack, but this map gives the crack role to Riss
+    {"name": "surface", "isthing": False, "background": True, "value": 0}]}
+
+
+def test_predict_measures_the_class_whose_role_is_crack_one_row_per_crack(tmp_path: Path, monkeypatch):
+    """Riss (stuff, `measure: crack`) gets a row per connected crack with its length; the class named crack
+    without the role, in a map that gives the role to another class, is measured as a region."""
+    labels = LabelMap.from_dict(ROLE_LABELS)
+    model = save_tiny_model(tmp_path / "model", labels, IMAGE_SIZE)
+
+    def dark_is_riss_left_crack_right(self, arrays):
+        out = []
+        for array in arrays:
+            dark = array[:, :, 0] < 128
+            left = dark & (np.arange(array.shape[1]) < array.shape[1] // 2)
+            id_map = np.where(left, 1, np.where(dark, 2, 3)).astype(np.int32)
+            out.append(TilePrediction(id_map, [{"id": 1, "label_id": 0, "score": 0.9},
+                                               {"id": 2, "label_id": 1, "score": 0.9},
+                                               {"id": 3, "label_id": 2, "score": 0.9}]))
+        return out
+
+    monkeypatch.setattr(DefectSegmenter, "_predict_arrays", dark_is_riss_left_crack_right)
+    bands = [diagonal_band(100, 240, (20, 5), (20, 105), 1.5), diagonal_band(100, 240, (50, 10), (90, 90), 2.0),
+             diagonal_band(100, 240, (50, 140), (50, 230), 2.0)]
+    Image.fromarray(band_image(100, 240, bands)).save(tmp_path / "photo.png")
+    predict_paths(model, [str(tmp_path / "photo.png")], tmp_path / "out")
+
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert [(r["class"], r["segment_id"], r["part"]) for r in rows] == [
+        ("Riss", "1", "1"), ("Riss", "1", "2"), ("crack", "2", "")]
+    riss = rows[:2]
+    assert float(riss[0]["length"]) == pytest.approx(100, rel=0.05)
+    assert float(riss[1]["length"]) == pytest.approx(math.hypot(40, 80), rel=0.05)
+    assert float(riss[0]["mean_width"]) == pytest.approx(3, abs=1) and float(riss[1]["max_width"]) > 0
+    assert [int(r["area_px"]) for r in riss] == [bands[0].sum(), bands[1].sum()]
+    assert rows[2]["length"] == rows[2]["mean_width"] == "" and int(rows[2]["area_px"]) == bands[2].sum()
+
+
+def test_a_model_saved_before_roles_keeps_its_crack_measurements(tmp_path: Path, model_dir: Path):
+    """A config.label_map without `measure` (as saved before roles): its class named crack measures as one."""
+    config = json.loads((model_dir / "config.json").read_text())
+    for entry in config["label_map"]["classes"]:
+        entry.pop("measure", None)
+    old = tmp_path / "old-model"
+    old.mkdir()
+    for path in model_dir.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    (old / "config.json").write_text(json.dumps(config))
+    labels = DefectSegmenter.from_pretrained(old).label_map
+    assert [c.name for c in labels.classes if c.measure == "crack"] == ["crack"]

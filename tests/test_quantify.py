@@ -11,10 +11,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from hf_detr_seg.errors import UserInputError
-from hf_detr_seg.quantify import crack_metrics, measure_segments, region_metrics
+from hf_detr_seg.quantify import crack_metrics, region_metrics
 
 ANGLES = (0, 15, 30, 45, 60, 77, 90)
 LENGTHS = (60, 150, 300)
@@ -165,35 +164,3 @@ def test_bad_scale_is_refused(bad: float) -> None:
 def test_mask_must_be_2d() -> None:
     with pytest.raises(UserInputError, match="2-D"):
         region_metrics(np.ones((2, 3, 3), bool))
-
-
-@pytest.mark.parametrize("crack_id", [1, 5_000_000])
-def test_measure_segments_dispatches_by_class(crack_id: int) -> None:
-    crack = straight_crack(150, 30, 3.0)
-    id_map = np.zeros(crack.shape, dtype=np.int32)
-    id_map[crack] = crack_id
-    id_map[5:25, 5:45] = 2  # spalling, away from the crack
-    id_map[-20:, -20:] = 4  # efflorescence touching the image corner
-    segments = [
-        {"id": crack_id, "label_id": 0, "score": 0.97, "was_fused": False},
-        {"id": 2, "label_id": 1, "score": 0.9},
-        {"id": 3, "label_id": 0},  # not in the map
-        {"id": 4, "label_id": 2},
-    ]
-    names = ["Crack", "spalling", "efflorescence"]
-    out = measure_segments(torch.from_numpy(id_map), segments, names, mm_per_pixel=0.2)
-    assert [(s["id"], s["class_name"], s["kind"]) for s in out] == [
-        (crack_id, "Crack", "crack"), (2, "spalling", "region"), (3, "Crack", "crack"),
-        (4, "efflorescence", "region"),
-    ]
-    assert out[0]["score"] == 0.97 and "score" not in out[2]
-    expected = crack_metrics(id_map == crack_id, mm_per_pixel=0.2)
-    assert {k: out[0][k] for k in expected} == expected
-    assert out[1] == {"id": 2, "label_id": 1, "class_name": "spalling", "kind": "region", "score": 0.9,
-                          "area": pytest.approx(800 * 0.04), "bbox": [5, 5, 40, 20], "unit": "mm"}
-    assert out[2]["length"] == 0.0 and out[2]["bbox"] == [0, 0, 0, 0]
-    assert out[3]["bbox"] == [id_map.shape[1] - 20, id_map.shape[0] - 20, 20, 20]
-    only_regions = measure_segments(id_map, segments[:2], names, crack_classes=())
-    assert [s["kind"] for s in only_regions] == ["region", "region"]
-    with pytest.raises(UserInputError, match="label_id 7"):
-        measure_segments(id_map, [{"id": 2, "label_id": 7}], names)

@@ -2,7 +2,7 @@
 
 Per image, into the output folder: `<stem>_panoptic.png` (COCO-panoptic id encoding, the image's size),
 `<stem>_overlay.png` (the photo with its segments drawn) and `<stem>.json` (the run's settings and the segments
-with class, score, area, box and `quantify.measure_segments`' measurements). Each file is written under a
+with class, score, area, box and `segment_measures.measure_segments`' measurements). Each file is written under a
 temporary name and renamed once all three are written, the JSON last: an image whose JSON is there has all its
 files, whole. The JSON holds everything the run's `report.csv` says about the image, so the report rows of an
 image predicted by an earlier run (`--skip-existing`) come from its JSON, by the same function as a fresh
@@ -25,7 +25,7 @@ from ..labels import LabelMap
 from .results import SegmentationResult
 
 REPORT_FILE = "report.csv"
-# Keys of `quantify.measure_segments`' entries that repeat what the segment already says.
+# Keys of `segment_measures.measure_segments`' entries that repeat what the segment already says.
 _SEGMENT_KEYS = {"id", "label_id", "class_name", "score", "bbox"}
 
 
@@ -34,21 +34,21 @@ def output_files(out: Path, stem: str) -> dict[str, Path]:
     return {"png": out / f"{stem}_panoptic.png", "overlay": out / f"{stem}_overlay.png", "json": out / f"{stem}.json"}
 
 
-def measure(result: SegmentationResult, class_names: list[str], mm_per_pixel: float | None) -> dict[int, dict]:
-    """Measurements by segment id from `quantify.measure_segments` (crack length and widths, areas in the
-    report's unit), without the keys that repeat the segment's own fields."""
-    from ..quantify import measure_segments
+def measure(result: SegmentationResult, label_map: LabelMap, mm_per_pixel: float | None) -> dict[int, dict]:
+    """Measurements by segment id from `segment_measures.measure_segments` (what each class's role asks: crack
+    length and widths, per connected crack for a stuff crack class; areas in the report's unit), without the
+    keys that repeat the segment's own fields."""
+    from ..segment_measures import measure_segments
 
     segments = [{"id": s.id, "label_id": s.label_id, "score": s.score} for s in result.segments]
-    measured = measure_segments(result.id_map, segments, class_names, crack_classes=("crack",),
-                                mm_per_pixel=mm_per_pixel)
+    measured = measure_segments(result.id_map, segments, label_map, mm_per_pixel=mm_per_pixel)
     return {int(m["id"]): {k: v for k, v in m.items() if k not in _SEGMENT_KEYS} for m in measured}
 
 
 def image_document(path: Path, result: SegmentationResult, label_map: LabelMap, settings: dict,
                    mm_per_pixel: float | None) -> dict[str, Any]:
     """The `<stem>.json` document of one image: its size, the run's settings, every segment measured."""
-    measurements = measure(result, label_map.names, mm_per_pixel)
+    measurements = measure(result, label_map, mm_per_pixel)
     segments = [
         {"id": s.id, "class": s.label, "category_id": label_map.category_id(s.label_id),
          "isthing": label_map.classes[s.label_id].isthing, "score": s.score, "area": s.area, "bbox": s.bbox,
@@ -60,22 +60,32 @@ def image_document(path: Path, result: SegmentationResult, label_map: LabelMap, 
 
 
 def report_rows(document: dict[str, Any], background: set[str]) -> list[dict[str, Any]]:
-    """The report.csv rows of one image, one per segment but the background class: `area_px` and the box in
-    pixels; `area` (unit^2) and, for cracks, `length`, `max_width`, `mean_width` in the run's unit (empty cells
-    for other classes), rounded to 4 decimals."""
+    """The report.csv rows of one image: one per segment but the background class's, and for a stuff crack
+    segment (measurements with "cracks") one per connected crack, numbered in `part` (empty for other rows).
+    `area_px` and the box are in pixels; `area` (unit^2) and, for cracks, `length`, `max_width`, `mean_width`
+    in the run's unit (empty cells for other classes), rounded to 4 decimals."""
     rows = []
     for segment in document["segments"]:
         if segment["class"] in background:
             continue
-        x, y, w, h = segment["bbox"]
-        measured = {key: segment["measurements"].get(key, "") for key in ("area", "length", "max_width", "mean_width")}
-        measured = {key: round(value, 4) if isinstance(value, float) else value for key, value in measured.items()}
-        rows.append({"image": document["image"], "segment_id": segment["id"], "class": segment["class"],
-                     "score": segment["score"], "area_px": segment["area"], "area": measured["area"],
-                     "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h, "length": measured["length"],
-                     "max_width": measured["max_width"], "mean_width": measured["mean_width"],
-                     "unit": document["unit"]})
+        measured = segment["measurements"]
+        if "cracks" in measured:
+            parts = [(number, crack, crack["pixels"]) for number, crack in enumerate(measured["cracks"], start=1)]
+        else:
+            parts = [("", {**measured, "bbox": segment["bbox"]}, segment["area"])]
+        for number, values, pixels in parts:
+            rows.append({"image": document["image"], "segment_id": segment["id"], "part": number,
+                         "class": segment["class"], "score": segment["score"], "area_px": pixels,
+                         **_box_and_measures(values), "unit": document["unit"]})
     return rows
+
+
+def _box_and_measures(values: dict[str, Any]) -> dict[str, Any]:
+    """The box columns of one row and its measurements rounded to 4 decimals (empty where not measured)."""
+    x, y, w, h = values["bbox"]
+    measured = {key: values.get(key, "") for key in ("area", "length", "max_width", "mean_width")}
+    measured = {key: round(value, 4) if isinstance(value, float) else value for key, value in measured.items()}
+    return {"area": measured.pop("area"), "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h, **measured}
 
 
 def coco_annotations(id_map: np.ndarray, document: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ from .data.panoptic import (
     read_json,
     read_panoptic_png,
 )
+from .errors import UserInputError
+from .labels import LabelMap
 from .metrics import SemanticScores
 
 
@@ -27,11 +29,16 @@ def otsu_dark_pixels(image: np.ndarray) -> np.ndarray:
     return dark.astype(bool)
 
 
-def otsu_scores(dataset_dir: str | Path, split: str = "val", class_name: str = "crack", tolerance: float = 0) -> dict:
-    """Pixel precision/recall/F1 of a per-image Otsu dark-pixel threshold as `class_name`, pooled over the split."""
+def otsu_scores(dataset_dir: str | Path, split: str = "val", class_name: str | None = None,
+                tolerance: float = 0) -> dict:
+    """Pixel precision/recall/F1 of a per-image Otsu dark-pixel threshold as `class_name`, pooled over the split.
+
+    `class_name` None: the dataset's class whose role is `measure: crack` (dark thin lines are what Otsu finds).
+    """
     root = Path(dataset_dir)
     label_map = load_dataset_label_map(root)
-    target = label_map.index_of(class_name)
+    target = label_map.index_of(class_name) if class_name is not None else _crack_class(label_map, root)
+    class_name = label_map.names[target]
     other = label_map.background_index if label_map.background_index is not None else -1
     scores = SemanticScores(label_map.num_classes, [target], tolerance=tolerance, class_names=label_map.names)
     data = read_json(annotation_json(root, split))
@@ -43,3 +50,13 @@ def otsu_scores(dataset_dir: str | Path, split: str = "val", class_name: str = "
         prediction = np.where(otsu_dark_pixels(image), target, other)
         scores.update(truth, prediction)
     return scores.compute()["per_class"][class_name]
+
+
+def _crack_class(label_map: LabelMap, root: Path) -> int:
+    """The model index of the one class whose role is `measure: crack`; otherwise the user must name a class."""
+    cracks = label_map.crack_indices
+    if len(cracks) != 1:
+        found = [label_map.names[i] for i in cracks] or "none"
+        raise UserInputError(f"{root}/labels.yaml: the baseline needs one class with `measure: crack` (found "
+                             f"{found}); name the class with --baseline-class")
+    return cracks[0]

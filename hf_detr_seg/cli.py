@@ -108,8 +108,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.baseline == "otsu":
         from .baselines import otsu_scores
 
-        crack = args.baseline_class
-        metrics["baseline_otsu"] = otsu_scores(args.dataset_dir, args.split, crack, tolerance=args.tolerance)
+        metrics["baseline_otsu"] = otsu_scores(args.dataset_dir, args.split, args.baseline_class,
+                                               tolerance=args.tolerance)
     print(metrics_table(metrics))
     _write_metrics(args.json, metrics)
     if args.save_predictions is not None:
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(evaluate, "--tolerance", type=float, default=0, help="pixel F1 tolerance in pixels")
     _add(evaluate, "--max-images", type=int, help="only the first N images of the split")
     _add(evaluate, "--baseline", choices=["otsu"], help="also score a dark-pixel Otsu threshold")
-    _add(evaluate, "--baseline-class", default="crack", help="the class the baseline predicts")
+    _add(evaluate, "--baseline-class", help="the class the baseline predicts (default: the one with measure: crack)")
     _add(evaluate, "--save-predictions", type=Path, help="also write the predictions as a COCO-panoptic folder here")
     evaluate.set_defaults(func=cmd_evaluate)
 

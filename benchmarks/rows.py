@@ -368,7 +368,7 @@ def _tiny_training_setup(tmp: Path, batch_size: int, image_size: int) -> TinyTra
     from hf_detr_seg.data.demo import generate_demo_data
     from hf_detr_seg.data.panoptic import load_dataset_label_map
     from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
-    from hf_detr_seg.training import load_model
+    from hf_detr_seg.training_setup import load_model
 
     source = generate_demo_data(tmp / "demo", num_images=batch_size + 1, size=image_size)
     build_dataset(source / "images", source / "masks", source / "labels.yaml", tmp / "dataset",
@@ -401,7 +401,7 @@ def _batch_shape(setup: TinyTrainingSetup) -> str:
 def train_throughput(tmp: Path, batch_size: int = 4, image_size: int = 192) -> Row:
     """One stage-1 step (forward, backward, AdamW step) of the tiny preset on demo images, on CPU.
 
-    Ours: `StageStep(stage=1)`, the detector only (plus the encoder presence loss, as the recipe trains).
+    Ours: `Stage1Step`, the detector only (plus the encoder presence loss, as the recipe trains).
     Reference: `DetrForSegmentation(..., labels=...)`, which also runs the mask head on every query and adds its
     loss. Both start from the same weights (a deep copy), train
     the same parameters (stage 1's groups, the mask head frozen) with the same optimizer, on the same batch.
@@ -409,14 +409,15 @@ def train_throughput(tmp: Path, batch_size: int = 4, image_size: int = 192) -> R
     import copy
 
     from hf_detr_seg.modeling import set_trainable
-    from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion, build_optimizer
+    from hf_detr_seg.steps import Stage1Step, build_criterion
+    from hf_detr_seg.training_setup import build_optimizer
 
     setup = _tiny_training_setup(tmp, batch_size, image_size)
     batch, model, config = setup.batch, setup.model, setup.config
-    set_trainable(model, STAGE_GROUPS[1])
+    set_trainable(model, Stage1Step.TRAINABLE)
     reference_model = copy.deepcopy(model)
     # Ours as the recipe trains: with stage 1's encoder presence loss (the reference has no such term).
-    ours_step = StageStep(model, build_criterion(config, setup.num_classes), 1, config.encoder_presence_weight)
+    ours_step = Stage1Step(model, build_criterion(config, setup.num_classes), config.encoder_presence_weight)
     ours_step.train()
     reference_model.train()
     ours_optimizer = build_optimizer(model, config, ours_step.presence_head)
@@ -446,8 +447,8 @@ STAGE2_TOLERANCE = 1e-3  # |ours / reference - 1| per mask term: same matching, 
 def stage2_step_time(tmp: Path, batch_size: int = 4, image_size: int = 192, cached: bool = True) -> Row:
     """One stage-2 step (forward, backward, AdamW step over the mask head only) of the tiny preset, on CPU.
 
-    Ours: `StageStep(stage=2)`: the frozen detector under no_grad in eval mode, one Hungarian matching, the mask
-    head on the matched queries only, `build_criterion`'s mask terms (focal + dice, at the target resolution).
+    Ours: `Stage2Step`: the frozen detector under no_grad in eval mode, one Hungarian matching, the mask
+    head on the matched queries only, `build_criterion`'s mask terms (focal + dice).
     With `cached` (`--cache_detector_outputs`), the detector's outputs and the matching come from the
     `DetectorCache` that the untimed warm-up step filled: the cost of every epoch after the first.
     Reference: the naive stage 2 with transformers, `DetrForSegmentation(..., labels=...)` and its own loss,
@@ -466,17 +467,18 @@ def stage2_step_time(tmp: Path, batch_size: int = 4, image_size: int = 192, cach
     from hf_detr_seg.detector_cache import DetectorCache
     from hf_detr_seg.detr_forward import run_detector
     from hf_detr_seg.modeling import set_trainable
-    from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion, build_optimizer
+    from hf_detr_seg.steps import Stage2Step, build_criterion
+    from hf_detr_seg.training_setup import build_optimizer
 
     setup = _tiny_training_setup(tmp, batch_size, image_size)
     batch, model = setup.batch, setup.model
-    set_trainable(model, STAGE_GROUPS[2])
+    set_trainable(model, Stage2Step.TRAINABLE)
     reference_model = copy.deepcopy(model)
     reference_model.config.update({"bbox_loss_coefficient": 0, "giou_loss_coefficient": 0, "auxiliary_loss": False})
     # model_name_or_path is only read by load_model, which the setup replaced: the weights are the tiny preset's.
     config = TrainConfig(stage=2, preset="tiny", image_size=image_size, per_device_train_batch_size=batch_size)
     cache = DetectorCache(max_bytes=2**30) if cached else None
-    ours_step = StageStep(model, build_criterion(config, setup.num_classes), stage=2, detector_cache=cache)
+    ours_step = Stage2Step(model, build_criterion(config, setup.num_classes), detector_cache=cache)
     ours_step.train()  # the mask head in train mode, the detector in eval mode
     reference_model.train()
     reference_model.detr.eval()

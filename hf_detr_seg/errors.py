@@ -7,3 +7,7 @@ class UserInputError(Exception):
 
 class DataError(UserInputError):
     """An image, mask or dataset folder that cannot be used."""
+
+
+class TrainingError(UserInputError):
+    """Training cannot go on (NaN loss, wrong stage-1 folder); earlier outputs are left untouched."""

@@ -15,7 +15,7 @@ from hf_detr_seg.detector_cache import DetectorCache
 from hf_detr_seg.detr_forward import run_detector
 from hf_detr_seg.errors import UserInputError
 from hf_detr_seg.modeling import build_model, set_trainable
-from hf_detr_seg.training import STAGE_GROUPS, StageStep, build_criterion
+from hf_detr_seg.steps import Stage2Step, build_criterion
 
 IMAGE_SIZE = 96
 
@@ -26,18 +26,18 @@ def setup(dataset: Path):
     label_map = load_dataset_label_map(dataset)
     torch.manual_seed(0)
     model = build_model(label_map, preset="tiny")
-    set_trainable(model, STAGE_GROUPS[2])
+    set_trainable(model, Stage2Step.TRAINABLE)
     data = PanopticDetrDataset(dataset, "train", IMAGE_SIZE)
     return model, label_map, data
 
 
-def _step(model, label_map, cache: DetectorCache | None = None) -> StageStep:
+def _step(model, label_map, cache: DetectorCache | None = None) -> Stage2Step:
     config = TrainConfig(stage=2, image_size=IMAGE_SIZE, augment=cache is None)
-    step = StageStep(model, build_criterion(config, label_map.num_classes), stage=2, detector_cache=cache)
+    step = Stage2Step(model, build_criterion(config, label_map.num_classes), detector_cache=cache)
     return step.train()
 
 
-def _loss_and_grads(step: StageStep, batch: dict) -> tuple[dict, list[torch.Tensor]]:
+def _loss_and_grads(step: Stage2Step, batch: dict) -> tuple[dict, list[torch.Tensor]]:
     step.model.zero_grad(set_to_none=True)
     losses = step(batch["pixel_values"], batch["pixel_mask"], batch["labels"])
     losses["loss"].backward()

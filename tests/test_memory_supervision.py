@@ -15,7 +15,8 @@ from hf_detr_seg.data.panoptic import load_dataset_label_map
 from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
 from hf_detr_seg.detr_forward import run_detector
 from hf_detr_seg.memory_supervision import EncoderPositionHead, EncoderPresenceHead, cell_positions, presence_targets
-from hf_detr_seg.training import StageStep, build_criterion, build_optimizer, load_model
+from hf_detr_seg.steps import Stage1Step, build_criterion
+from hf_detr_seg.training_setup import build_optimizer, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def _query_spread_after_training(dataset: Path, presence_weight: float, steps: i
     torch.manual_seed(0)
     label_map = load_dataset_label_map(dataset)
     model = load_model(config, label_map)
-    step = StageStep(model, build_criterion(config, label_map.num_classes), 1, presence_weight)
+    step = Stage1Step(model, build_criterion(config, label_map.num_classes), presence_weight)
     optimizer = build_optimizer(model, config, step.training_heads())
     data = PanopticDetrDataset(dataset, "train", config.image_size, augment=False)
     loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=collate_fn,

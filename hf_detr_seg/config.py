@@ -25,6 +25,7 @@ class TrainConfig:
 
     stage: int = 1
     dataset_dir: str | None = None  # a folder built by `hf-detr-seg build-dataset`; None: the demo data
+    dataset_name: str | None = None  # how the model card names the data (default: the dataset folder's base name)
     model_name_or_path: str | None = None  # stage 1: checkpoint or None (preset); stage 2: stage-1 output
     preset: str = "tiny"
     backbone: str | None = None  # preset override: a timm model name, e.g. efficientnet_lite0, resnet18

@@ -15,25 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import DetrForSegmentation, DetrImageProcessor
+from transformers import DetrForSegmentation, DetrImageProcessor, PreTrainedConfig
 
 from .errors import UserInputError
 from .labels import LabelMap
+from .postprocess import DEFAULT_THRESHOLD
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
+_COUNTS = {"epoch", "step"}  # metrics that count rather than score
 
 
 def save_model_folder(
     model: DetrForSegmentation,
     processor: DetrImageProcessor,
     folder: Path,
-    label_map: LabelMap,
+    label_map: LabelMap | None,
     run_settings: dict[str, Any],
     metrics: dict[str, Any],
 ) -> Path:
-    """Write a folder that `DetrForSegmentation.from_pretrained` and the 🤗 pipeline load as it is."""
+    """Write a folder that `DetrForSegmentation.from_pretrained` and the 🤗 pipeline load as it is.
+
+    `label_map`, the run's (None: the model's own), becomes the config's: a stage-2 model carries the roles of the
+    dataset it was last trained on even when its stage-1 start was saved before they were set. The card is then
+    written from the config alone, as anyone reading the folder will see the model.
+    """
+    if label_map is not None:
+        model.config.label_map = label_map.to_dict()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
@@ -42,7 +51,7 @@ def save_model_folder(
         processor.save_pretrained(tmp)
         (tmp / RUN_FILE).write_text(yaml.safe_dump(run_settings, sort_keys=False))
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
-        (tmp / CARD_FILE).write_text(model_card(label_map, run_settings, metrics.get("final", {})))
+        (tmp / CARD_FILE).write_text(model_card(model.config, run_settings, metrics.get("final", {})))
         for path in sorted(tmp.iterdir()):
             os.replace(path, folder / path.name)
     finally:
@@ -50,13 +59,61 @@ def save_model_folder(
     return folder
 
 
-def model_card(label_map: LabelMap, run_settings: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The README of a model folder: what it detects, its label map, data, metrics, usage and limits."""
+def model_card(config: PreTrainedConfig, run_settings: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The README of a model folder, from its config, run settings and final metrics alone (no local path: a
+    card is published): what it detects, its label map and roles, data, metrics, usage and limits."""
     import torch
     import transformers
 
+    from .modeling import label_map_from_config
+
+    label_map = label_map_from_config(config)
+    stage = run_settings.get("stage")
+    what = "box detection (stage 1; masks not trained yet)" if stage == 1 else "panoptic segmentation"
+    threshold = run_settings.get("eval_threshold", DEFAULT_THRESHOLD)
+    return f"""---
+library_name: transformers
+pipeline_tag: image-segmentation
+tags: [detr, panoptic-segmentation, concrete-defects, hf-detr-seg]
+---
+# DETR {what} of concrete defects
+
+A `DetrForSegmentation` fine-tuned with the hf_detr_seg toolkit to find
+{', '.join(c.name for c in label_map.user_classes if not c.background)} in inspection photos.
+
+## Classes (label map)
+{_classes_table(label_map)}
+## Training data and settings
+Dataset: {_dataset_name(run_settings)}; stage {stage}; preset `{run_settings.get('preset')}`;
+image size {run_settings.get('image_size')} (shortest edge); see `{RUN_FILE}` for every setting.
+
+## Validation metrics
+| metric | value |
+|---|---|
+{_metric_rows(metrics)}
+
+## How to use
+```python
+from transformers import pipeline
+segmenter = pipeline("image-segmentation", model="path/or/hub-id")
+segments = segmenter("photo.jpg", subtask="panoptic", threshold={threshold})
+```
+or `hf-detr-seg predict --model path/or/hub-id photo.jpg --out results/` (tiles, overlays, measurements).
+Queries scoring above {threshold} are kept, the threshold the metrics above were measured at.
+
+## Limits
+Trained on the data above only; photos of other surfaces, lighting or resolutions need checking before use.
+Measurements are only as good as the given millimetres per pixel.
+
+Versions: transformers {transformers.__version__}, torch {torch.__version__}.
+"""
+
+
+def _classes_table(label_map: LabelMap) -> str:
+    """The label map as a Markdown table, with each class's role (how `predict` measures it)."""
     rows = "\n".join(
-        f"| {i} | {c.name} | {'thing' if c.isthing else 'stuff'} | {c.category_id} |"
+        f"| {i} | {c.name} | {'thing' if c.isthing else 'stuff'} | "
+        f"{'background' if c.background else c.measure} | {c.category_id} |"
         for i, c in enumerate(label_map.classes)
         if not c.from_coco
     )
@@ -65,48 +122,25 @@ def model_card(label_map: LabelMap, run_settings: dict[str, Any], metrics: dict[
         if label_map.coco_base
         else ""
     )
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in shown.items()) or "| (none yet) | |"
-    stage = run_settings.get("stage")
-    what = "box detection (stage 1; masks not trained yet)" if stage == 1 else "panoptic segmentation"
-    return f"""---
-library_name: transformers
-pipeline_tag: image-segmentation
-tags: [detr, panoptic-segmentation, concrete-defects, hf-detr-seg]
----
-# DETR {what} of concrete defects
+    return f"| model index | class | kind | measured as | dataset category id |\n|---|---|---|---|---|\n{rows}\n{coco_note}"
 
-A `DetrForSegmentation` fine-tuned with [hf_detr_seg](https://pypi.org/project/hf-detr-seg/) to find
-{', '.join(c.name for c in label_map.user_classes)} in inspection photos.
 
-## Classes (label map)
-| model index | class | kind | dataset category id |
-|---|---|---|---|
-{rows}
-{coco_note}
-## Training data and settings
-Dataset folder: `{run_settings.get('dataset_dir')}`; stage {stage}; preset `{run_settings.get('preset')}`;
-image size {run_settings.get('image_size')} (shortest edge); see `{RUN_FILE}` for every setting.
+def _dataset_name(run_settings: dict[str, Any]) -> str:
+    """`dataset_name` when the run gave one, else the dataset folder's base name: never a local path."""
+    name = run_settings.get("dataset_name") or (
+        Path(run_settings["dataset_dir"]).name if run_settings.get("dataset_dir") else None
+    )
+    return f"`{name}`" if name else "not recorded"
 
-## Validation metrics
-| metric | value |
-|---|---|
-{metric_rows}
 
-## How to use
-```python
-from transformers import pipeline
-segmenter = pipeline("image-segmentation", model="path/or/hub-id")
-```
-or `hf-detr-seg predict --model path/or/hub-id photo.jpg --out results/` (tiles, overlays, measurements).
-Keep queries scoring above 0.85 (the toolkit's default threshold).
-
-## Limits
-Trained on the data above only; photos of other surfaces, lighting or resolutions need checking before use.
-Measurements are only as good as the given millimetres per pixel.
-
-Versions: transformers {transformers.__version__}, torch {torch.__version__}.
-"""
+def _metric_rows(metrics: dict[str, Any]) -> str:
+    """Counts (epoch, step) as integers, scores with 3 decimals; nested tables (per class) stay in metrics.json."""
+    rows = [
+        f"| {key} | {int(value) if key in _COUNTS else f'{value:.3f}'} |"
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    return "\n".join(rows) or "| (none yet) | |"
 
 
 def push_folder(

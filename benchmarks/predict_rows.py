@@ -157,9 +157,10 @@ def processor_seconds(photo_size: tuple[int, int] = PHOTO, sample: int = 8) -> f
 
     from transformers import DetrImageProcessor
 
+    from hf_detr_seg.data.transforms import longest_edge
     from hf_detr_seg.inference import tile_windows
 
-    processor = DetrImageProcessor(size={"shortest_edge": TILE, "longest_edge": round(TILE * 1333 / 800)})
+    processor = DetrImageProcessor(size={"shortest_edge": TILE, "longest_edge": longest_edge(TILE)})
     tile = inspection_photo(TILE, TILE)
     processor(images=tile, return_tensors="pt")
     start = time.perf_counter()

@@ -29,6 +29,7 @@ from transformers import DetrConfig, DetrForSegmentation, DetrImageProcessor, Pr
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
 from .backbones import imagenet_state_dict, load_into_features, stem_parameter_names
+from .data.transforms import longest_edge
 
 from .errors import UserInputError
 from .labels import LabelMap
@@ -303,12 +304,12 @@ def set_trainable(model: DetrForSegmentation, groups: Iterable[str]) -> None:
 
 # --------------------------------------------------------------------------------------------------- processor
 def build_image_processor(image_size: int) -> DetrImageProcessor:
-    """DETR's image processor resizing as DETR does: shortest edge `image_size`, longest at most x1333/800.
+    """DETR's image processor resizing as training does: shortest edge `image_size`, longest at most
+    `transforms.longest_edge(image_size)`. Saved with the model, it is the size inference reads.
 
     In transformers 5 `DetrImageProcessor` is the torchvision-backed (fast) class; `DetrImageProcessorPil` is
     the PIL one.
     """
     return DetrImageProcessor(
-        format="coco_panoptic",
-        size={"shortest_edge": image_size, "longest_edge": round(image_size * 1333 / 800)},
+        format="coco_panoptic", size={"shortest_edge": image_size, "longest_edge": longest_edge(image_size)}
     )

@@ -94,6 +94,22 @@ def test_from_pretrained_reads_image_size_and_label_map(segmenter: DefectSegment
     assert segmenter.stuff_label_ids == {SURFACE}
 
 
+def test_the_saved_processor_is_the_one_source_of_the_input_size(model_dir: Path, tmp_path: Path):
+    """The size comes from preprocessor_config.json, whose longest edge is the training transforms' own rule; the
+    run settings saved beside it are not read."""
+    import shutil
+
+    from hf_detr_seg.data.transforms import longest_edge
+
+    processor = json.loads((model_dir / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": IMAGE_SIZE, "longest_edge": longest_edge(IMAGE_SIZE)}
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    (folder / "run.yaml").write_text("image_size: 999\n")
+    assert DefectSegmenter.from_pretrained(folder, device="cpu").image_size == IMAGE_SIZE
+    (folder / "preprocessor_config.json").unlink()
+    assert DefectSegmenter.from_pretrained(folder, device="cpu").image_size == 800  # DETR's processor default
+
+
 def test_from_pretrained_rejects_what_is_not_a_segmentation_model(tmp_path: Path, model_dir: Path):
     with pytest.raises(UserInputError, match="not found"):
         DefectSegmenter.from_pretrained(tmp_path / "missing")

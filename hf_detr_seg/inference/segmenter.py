@@ -1,8 +1,9 @@
 """`DefectSegmenter`: whole images in, `SegmentationResult`s out, tiles of several images batched together.
 
 Preprocessing is training's evaluation path, unchanged: DETR's resize (`transforms.resize_shortest_edge`, the
-code `fixed_resize` runs: shortest edge `image_size`, longest at most x1333/800), ImageNet normalisation
-(`to_pixel_values`), zero padding to the batch (`collate_fn`); the forward pass and post-processing are
+code `fixed_resize` runs: shortest edge `image_size`, the model's saved processor's, longest at most
+`longest_edge(image_size)`), ImageNet normalisation (`to_pixel_values`), zero padding to the batch
+(`collate_fn`); the forward pass and post-processing are
 `forward.predict_batch` (the mask head for the kept queries only, padding cropped off the mask logits, then
 `post_process_panoptic` at the array's own size, stuff classes fused into one segment per class).
 
@@ -28,12 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ..data.training_data import collate_fn, to_pixel_values
 from ..data.transforms import DETR_SHORTEST, resize_shortest_edge
 from ..errors import DataError, UserInputError
-from ..hub import RUN_FILE
 from ..labels import LabelMap
 from ..postprocess import DEFAULT_THRESHOLD
 from .forward import predict_batch
@@ -58,13 +57,8 @@ class _Pending:
 
 
 def _model_image_size(folder: Path) -> int:
-    """The model's training size: run.yaml's `image_size`, else the processor's shortest edge, else DETR's 800."""
-    try:
-        run = yaml.safe_load((folder / RUN_FILE).read_text())
-        if isinstance(run, dict) and isinstance(run.get("image_size"), int):
-            return int(run["image_size"])
-    except (OSError, yaml.YAMLError):
-        pass
+    """The shortest edge of the folder's saved image processor (training writes its own size there, so this is
+    the model's one source of its input size), else DETR's 800 (its processor's default)."""
     try:
         size = json.loads((folder / PROCESSOR_FILE).read_text()).get("size", {})
         if isinstance(size, dict) and isinstance(size.get("shortest_edge"), int):
@@ -161,8 +155,8 @@ class DefectSegmenter:
         tile_overlap: float = 0.25,
         batch_size: int = 4,
     ) -> "DefectSegmenter":
-        """Load a model folder (`load_segmentation_model`). `image_size` defaults to the folder's run.yaml
-        `image_size` (else its processor's shortest edge, else 800)."""
+        """Load a model folder (`load_segmentation_model`). `image_size` defaults to the shortest edge of the
+        folder's image processor (else 800)."""
         model = load_segmentation_model(model_dir)
         return cls(
             model,

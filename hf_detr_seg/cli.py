@@ -218,7 +218,6 @@ def _ensure_demo_source() -> tuple[Path, Path, Path]:
 
 # --------------------------------------------------------------------------- parser
 def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
-    """The `build-dataset` command: its options are many, so they get a function of their own."""
     build = sub.add_parser("build-dataset", help="masks or annotations + images -> COCO-panoptic dataset folder")
     _add(build, "--images", type=Path, help="folder of images (default: the demo data)")
     _add(build, "--masks", type=Path, help="folder of masks, file names matching the images")
@@ -237,10 +236,7 @@ def _add_build_dataset(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=cmd_build_dataset)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-detr-seg", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo-data", help="write the embedded synthetic concrete-defect data")
     demo.add_argument("out", type=Path, nargs="?", default=DEFAULT_DEMO_DIR)
     _add(demo, "--num-images", type=int, default=DEMO_NUM_IMAGES)
@@ -248,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(demo, "--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
 
-    _add_build_dataset(sub)
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="score a model on a built dataset split (PQ, mAP, IoU, F1)")
     _add(evaluate, "--model", required=True, help="a model folder written by the recipes")
     _add(evaluate, "--dataset-dir", required=True, type=Path)
@@ -265,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(evaluate, "--save-predictions", type=Path, help="also write the predictions as a COCO-panoptic folder here")
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_pq(sub: argparse._SubParsersAction) -> None:
     pq = sub.add_parser("pq", help="PQ of a COCO-panoptic prediction folder against a ground-truth one (panopticapi)")
     _add(pq, "--gt-json", required=True, type=Path, help="ground-truth panoptic JSON")
     _add(pq, "--gt-folder", type=Path, help="its PNG folder (default: the JSON path without .json)")
@@ -273,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(pq, "--json", type=Path, help="write pq, sq, rq, pq_things, pq_stuff and per_class here")
     pq.set_defaults(func=cmd_pq)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser("predict", help="segment photos or folders: masks, overlays, measurements, report")
     _add(predict, "--model", required=True, help="a model folder (or Hub id)")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(predict, "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
 
+
+def _add_export_coco(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export-coco", help="a built dataset folder -> one COCO instances file (RLE masks)")
     export.add_argument("dataset", type=Path)
     export.add_argument("out", type=Path, help="the .json to write")
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(export, "--things-only", action="store_true", help="leave stuff segments out (for detection libraries)")
     export.set_defaults(func=cmd_export_coco)
 
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
     push = sub.add_parser("push", help="upload a model folder (or a built dataset folder) to the Hugging Face Hub")
     _add(push, "--model", required=True, type=Path, help="model folder (config.json) or dataset folder (labels.yaml)")
     _add(push, "--repo-id", required=True, help="USER/NAME on the Hub")
@@ -303,9 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add(push, "--dry-run", action="store_true", help="only list the files that would be uploaded (no network)")
     push.set_defaults(func=cmd_push)
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
     validate = sub.add_parser("validate", help="check a dataset folder against the COCO-panoptic rules")
     validate.add_argument("dataset", type=Path)
     validate.set_defaults(func=cmd_validate)
+
+
+SUBCOMMANDS = (_add_demo_data, _add_build_dataset, _add_evaluate, _add_pq, _add_predict, _add_export_coco, _add_push,
+               _add_validate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`hf-detr-seg` and its sub-commands, each registered by its own `_add_<command>` (in `--help` order)."""
+    parser = argparse.ArgumentParser(prog="hf-detr-seg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in SUBCOMMANDS:
+        add_command(sub)
     return parser
 
 

@@ -51,55 +51,64 @@ def draw_overlay(
     skipped = set(skip_labels)
     drawn = [s for s in result.segments if s.label not in skipped]
     out = np.ascontiguousarray(image.copy())
-    height, width = out.shape[:2]
     if not drawn:
         return out
     color_of = {s.label: tuple(int(c) for c in colors.get(s.label, _FALLBACK)) for s in drawn}
+    if alpha > 0:
+        _blend_fill(out, result.id_map, drawn, color_of, alpha)
+    short = min(out.shape[:2])
+    _draw_outlines(out, result.id_map, drawn, color_of, thickness=max(1, round(short / 400)))
+    scale = max(0.3, short / 900)
+    text_thickness = max(1, round(scale * 1.5))
+    pad = max(1, round(3 * scale))
+    _draw_tags(out, drawn, color_of, scale, text_thickness, pad)
+    if legend:
+        _draw_legend(out, list(dict.fromkeys(s.label for s in drawn)), color_of, scale, text_thickness, pad)
+    return out
 
-    # Fill: one lookup from segment id to colour; only drawn pixels are blended.
-    lut = np.zeros((int(result.id_map.max(initial=0)) + 1, 3), np.float32)
+
+def _blend_fill(out: np.ndarray, id_map: np.ndarray, drawn: list, color_of: dict, alpha: float) -> None:
+    """Each drawn segment's pixels blended with its colour: one lookup from segment id to colour, a band of rows
+    at a time (temporaries of a few MiB, whatever the photo's size); only drawn pixels are touched."""
+    lut = np.zeros((int(id_map.max(initial=0)) + 1, 3), np.float32)
     use = np.zeros(len(lut), bool)
     for segment in drawn:
         lut[segment.id] = color_of[segment.label]
         use[segment.id] = True
-    if alpha > 0:  # a band of rows at a time: temporaries of a few MiB, whatever the photo's size
-        for start in range(0, height, _FILL_ROWS):
-            ids = result.id_map[start : start + _FILL_ROWS]
-            band = out[start : start + _FILL_ROWS]
-            pixels = use[ids]
-            if pixels.any():
-                blended = band[pixels].astype(np.float32) * (1 - alpha) + lut[ids[pixels]] * alpha
-                band[pixels] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    for start in range(0, out.shape[0], _FILL_ROWS):
+        ids = id_map[start : start + _FILL_ROWS]
+        band = out[start : start + _FILL_ROWS]
+        pixels = use[ids]
+        if pixels.any():
+            blended = band[pixels].astype(np.float32) * (1 - alpha) + lut[ids[pixels]] * alpha
+            band[pixels] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
-    # Outlines, on each segment's box only (cheap on large photos).
-    short = min(height, width)
-    thickness = max(1, round(short / 400))
+
+def _draw_outlines(out: np.ndarray, id_map: np.ndarray, drawn: list, color_of: dict, thickness: int) -> None:
+    """Each drawn segment's outline in its full colour, traced on the segment's box only (cheap on large
+    photos)."""
     for segment in drawn:
         x, y, w, h = segment.bbox
         x0, y0 = max(0, x - 1), max(0, y - 1)
-        crop = (result.id_map[y0 : y + h + 1, x0 : x + w + 1] == segment.id).astype(np.uint8)
+        crop = (id_map[y0 : y + h + 1, x0 : x + w + 1] == segment.id).astype(np.uint8)
         contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
         cv2.drawContours(out, contours, -1, color_of[segment.label], thickness, lineType=cv2.LINE_AA)
 
-    # Tags: "class score" on a box of the class colour, above the segment's box when there is room.
-    scale = max(0.3, short / 900)
-    text_thickness = max(1, round(scale * 1.5))
-    pad = max(1, round(3 * scale))
+
+def _draw_tags(out: np.ndarray, drawn: list, color_of: dict, scale: float, thickness: int, pad: int) -> None:
+    """"class score" on a box of the class colour, above the segment's box when there is room."""
+    width = out.shape[1]
     for segment in drawn:
         text = f"{segment.label} {segment.score:.2f}"
-        (tw, th), baseline = cv2.getTextSize(text, _FONT, scale, text_thickness)
+        (tw, th), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
         x, y = segment.bbox[:2]
         box_h = th + baseline + 2 * pad
         top = y - box_h if y - box_h >= 0 else y
         left = min(max(0, x), max(0, width - tw - 2 * pad))
         color = color_of[segment.label]
         cv2.rectangle(out, (left, top), (left + tw + 2 * pad, top + box_h), color, thickness=-1)
-        cv2.putText(out, text, (left + pad, top + pad + th), _FONT, scale, _text_color(color), text_thickness,
+        cv2.putText(out, text, (left + pad, top + pad + th), _FONT, scale, _text_color(color), thickness,
                     lineType=cv2.LINE_AA)
-
-    if legend:
-        _draw_legend(out, list(dict.fromkeys(s.label for s in drawn)), color_of, scale, text_thickness, pad)
-    return out
 
 
 def _draw_legend(out: np.ndarray, labels: list[str], color_of: dict, scale: float, thickness: int, pad: int) -> None:

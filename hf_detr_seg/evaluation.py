@@ -1,16 +1,14 @@
 """Run a model on a built dataset split and score it: PQ/SQ/RQ, box mAP, semantic IoU, pixel F1.
 
-The loop only feeds evaluators (detectron2's reset / update / compute seam): `metrics.py` knows nothing of
-models, and this module nothing of how a metric is computed.
+The loop predicts each batch and hands the same (images, predictions) pair to every evaluator (the seam of
+`metrics.base`, detectron2's reset / process / evaluate): this module knows no metric, and the metrics nothing
+of models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import DetrForSegmentation
@@ -18,7 +16,6 @@ from transformers import DetrForSegmentation
 from .data.panoptic import (
     annotation_folder,
     annotation_json,
-    class_map_from_segments,
     read_json,
     read_panoptic_png,
     write_json,
@@ -29,49 +26,11 @@ from .detr_forward import run_detector
 from .errors import DataError
 from .inference.forward import predict_batch
 from .labels import LabelMap
-from .metrics import BoxMAP, PanopticQuality, SemanticScores
+from .metrics import BoxEvaluator, Evaluator, ImageInput, ImageOutput, PanopticEvaluator, SemanticEvaluator
+from .metrics.base import ImageRecords
 from .modeling import label_map_from_config
 from .postprocess import DEFAULT_THRESHOLD, segments_to_coco
 from .processes import Processes
-
-
-def _ground_truth(root: Path, split: str) -> dict[int, tuple[Path, list[dict]]]:
-    data = read_json(annotation_json(root, split))
-    return {ann["image_id"]: (annotation_folder(root, split) / ann["file_name"], ann["segments_info"])
-            for ann in data["annotations"]}
-
-
-def detections(logits: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
-    """DETR's box post-processing: every query, its best real class and score, boxes in pixels (x0, y0, x1, y1)."""
-    scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-    return {"boxes": xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype), "scores": scores,
-            "labels": labels}
-
-
-@dataclass
-class _ImageRecord:
-    """What the evaluators need from one image (small arrays: records travel between processes)."""
-
-    index: int  # position in the split: records are added to the evaluators in this order
-    detections: dict[str, np.ndarray]
-    gt_boxes: dict[str, np.ndarray]
-    pq: Any = None  # PanopticQuality.image_stats
-    semantic: Any = None  # SemanticScores.image_counts
-    saved: dict | None = None  # the image's annotation in the saved predictions' JSON
-
-
-@dataclass
-class _Evaluators:
-    """The evaluators of one run and what they read (ground truth, label map, where predictions are saved)."""
-
-    label_map: LabelMap
-    truth: dict[int, tuple[Path, list[dict]]]
-    pq: PanopticQuality
-    boxes: BoxMAP
-    semantic: SemanticScores
-    writer: "_PredictionWriter | None"
 
 
 @torch.no_grad()
@@ -95,8 +54,8 @@ def evaluate_model(
     with `segments_info` including scores, categories) and `DIR/panoptic_<split>/<stem>.png`.
 
     `processes` (`accelerate launch`): each process predicts every N-th batch of the split (the batches of a
-    one-process run, so the same forward passes), the per-image records are gathered and added to the
-    evaluators in the split's order on every process: the metrics equal a one-process run's.
+    one-process run, so the same forward passes), the evaluators' per-image records are gathered and added in
+    the split's order on every process: the metrics equal a one-process run's.
     """
     root = Path(dataset_dir)
     if not annotation_json(root, split).is_file():
@@ -112,93 +71,85 @@ def evaluate_model(
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in range(0, len(dataset), batch_size)]
     mine = processes.share(batches)
-    evaluators = _evaluators(label_map, root, split, tolerance, save_predictions)
+    evaluators = _evaluators(label_map, masks, tolerance)
+    writer = _PredictionWriter(Path(save_predictions), root, split, label_map) if save_predictions is not None else None
+    consumers: list[ImageRecords] = [*evaluators, writer] if writer is not None else [*evaluators]
+    truth = _ground_truth(root, split)
+    stuff = {i for i, c in enumerate(label_map.classes) if not c.isthing}
     was_training = model.training
     model.eval()
-    records: list[_ImageRecord] = []
     for indices, batch in zip(mine, DataLoader(dataset, batch_sampler=mine, collate_fn=collate_fn)):
-        records += _batch_records(model, batch, indices, evaluators, threshold, masks)
+        images = _images(truth, indices, batch["labels"], read_id_maps=masks)
+        predictions = _predict(model, batch, stuff, threshold, masks)
+        for consumer in consumers:
+            consumer.process(images, predictions)
     if was_training:
         model.train()
-    return _scores(sorted(processes.gather(records), key=lambda r: r.index), evaluators, masks, processes)
+    if writer is not None:
+        writer.close(processes)
+    return _scores(evaluators, processes)
 
 
-def _evaluators(label_map: LabelMap, root: Path, split: str, tolerance: float,
-                save_predictions: Path | None) -> _Evaluators:
-    categories = {c.category_id: {"name": c.name, "isthing": c.isthing} for c in label_map.classes}
-    # Pixel precision/recall/F1 for every defect class, thing or stuff (crack is often stuff): all but background.
-    defects = [i for i, c in enumerate(label_map.classes) if not c.background]
-    semantic = SemanticScores(label_map.num_classes, defects, tolerance=tolerance, class_names=label_map.names)
-    writer = _PredictionWriter(Path(save_predictions), root, split, label_map) if save_predictions is not None else None
-    return _Evaluators(label_map, _ground_truth(root, split), PanopticQuality(categories), BoxMAP(), semantic, writer)
+def _evaluators(label_map: LabelMap, masks: bool, tolerance: float) -> list[Evaluator]:
+    """Box mAP, and with masks PQ and semantic scores (in this order: the order of the keys in the results)."""
+    if not masks:
+        return [BoxEvaluator(label_map)]
+    return [PanopticEvaluator(label_map), BoxEvaluator(label_map), SemanticEvaluator(label_map, tolerance)]
 
 
-def _batch_records(model: DetrForSegmentation, batch: dict, indices: list[int], evaluators: _Evaluators,
-                   threshold: float, masks: bool) -> list[_ImageRecord]:
-    """Predict one batch and turn each image into its `_ImageRecord` (saving its PNG when asked)."""
-    label_map = evaluators.label_map
+def _ground_truth(root: Path, split: str) -> dict[int, tuple[Path, list[dict]]]:
+    """Per image id: the gt PNG and its `segments_info`."""
+    data = read_json(annotation_json(root, split))
+    return {ann["image_id"]: (annotation_folder(root, split) / ann["file_name"], ann["segments_info"])
+            for ann in data["annotations"]}
+
+
+def _images(truth: dict[int, tuple[Path, list[dict]]], indices: list[int], targets: list[dict],
+            read_id_maps: bool) -> list[ImageInput]:
+    """A batch's images as the split's annotations give them (the gt PNGs are read only when masks are scored)."""
+    images = []
+    for index, target in zip(indices, targets):
+        png, segments = truth[int(target["image_id"])]
+        height, width = target["orig_size"].tolist()
+        id_map = read_panoptic_png(png) if read_id_maps else None
+        images.append(ImageInput(index, int(target["image_id"]), png.name, height, width, segments, id_map))
+    return images
+
+
+def _predict(model: DetrForSegmentation, batch: dict, stuff: set[int], threshold: float,
+             masks: bool) -> list[ImageOutput]:
+    """One batch's predictions: the detector's outputs, and with `masks` the panoptic predictions at each
+    image's original size."""
     device = next(model.parameters()).device
-    labels = batch["labels"]
+    targets = batch["labels"]
     pixel_values, pixel_mask = batch["pixel_values"].to(device), batch["pixel_mask"].to(device)
-    originals = [tuple(t["orig_size"].tolist()) for t in labels]
     if masks:
-        sizes = [tuple(t["size"].tolist()) for t in labels]
-        stuff = {i for i, c in enumerate(label_map.classes) if not c.isthing}
-        predictions, logits, pred_boxes = predict_batch(model, pixel_values, pixel_mask, sizes, originals, stuff,
-                                                        threshold)
+        sizes = [tuple(t["size"].tolist()) for t in targets]
+        originals = [tuple(t["orig_size"].tolist()) for t in targets]
+        panoptic, logits, boxes = predict_batch(model, pixel_values, pixel_mask, sizes, originals, stuff, threshold)
     else:
         detector = run_detector(model, pixel_values, pixel_mask)
-        predictions, logits, pred_boxes = None, detector.logits, detector.pred_boxes
-    records = []
-    for i, (index, target) in enumerate(zip(indices, labels)):
-        png, gt_segments = evaluators.truth[int(target["image_id"])]
-        height, width = originals[i]
-        found = detections(logits[i].cpu(), pred_boxes[i].cpu(), height, width)
-        record = _ImageRecord(index, {k: v.numpy() for k, v in found.items()},
-                              {k: v.numpy() for k, v in _gt_boxes(gt_segments, label_map).items()})
-        if predictions is not None:
-            _add_masks(record, predictions[i], read_panoptic_png(png), gt_segments, png.name,
-                       int(target["image_id"]), evaluators)
-        records.append(record)
-    return records
+        panoptic, logits, boxes = [None] * len(targets), detector.logits, detector.pred_boxes
+    return [ImageOutput(logits[i].cpu(), boxes[i].cpu(), panoptic[i]) for i in range(len(targets))]
 
 
-def _add_masks(record: _ImageRecord, pred, gt_ids: np.ndarray, gt_segments: list[dict], png_name: str,
-               image_id: int, evaluators: _Evaluators) -> None:
-    """The panoptic and semantic statistics of one image's prediction (and its saved PNG)."""
-    label_map = evaluators.label_map
-    pred_ids = pred.id_map.cpu().numpy().astype(np.uint32)
-    pred_segments = [{"id": s["id"], "category_id": label_map.category_id(s["label_id"])} for s in pred.segments]
-    record.pq = evaluators.pq.image_stats(gt_ids, gt_segments, pred_ids, pred_segments)
-    record.semantic = evaluators.semantic.image_counts(
-        class_map_from_segments(gt_ids, gt_segments, lambda s: label_map.index_of_category(s["category_id"])),
-        class_map_from_segments(pred_ids, pred.segments, lambda s: s["label_id"]),
-    )
-    if evaluators.writer is not None:
-        record.saved = evaluators.writer.write_png(image_id, png_name, pred_ids, segments_to_coco(pred, label_map))
-
-
-def _scores(records: list[_ImageRecord], evaluators: _Evaluators, masks: bool, processes: Processes) -> dict:
-    """The metrics from every image's record, added in the split's order."""
-    for record in records:
-        evaluators.boxes.update(record.detections, record.gt_boxes)
-        if masks:
-            evaluators.pq.add(record.pq)
-            evaluators.semantic.add(record.semantic)
-    if evaluators.writer is not None and processes.is_main:
-        evaluators.writer.close([record.saved for record in records])
-    processes.wait()
-    results = evaluators.boxes.compute()
-    if masks:
-        results = {**evaluators.pq.compute(), **results}
-        scores = evaluators.semantic.compute()
-        results["miou"] = scores["miou"]
-        for name, values in results["per_class"].items():
-            values.update(scores["per_class"].get(name, {}))
+def _scores(evaluators: list[Evaluator], processes: Processes) -> dict:
+    """Every evaluator's scores over the images of every process, in one dict; per-class scores are merged by
+    class name (PQ's, then IoU and pixel F1)."""
+    results: dict = {}
+    for evaluator in evaluators:
+        evaluator.gather(processes)
+        for key, value in evaluator.compute().items():
+            if key == "per_class":
+                per_class = results.setdefault("per_class", {})
+                for name, scores in value.items():
+                    per_class.setdefault(name, {}).update(scores)
+            else:
+                results[key] = value
     return results
 
 
-class _PredictionWriter:
+class _PredictionWriter(ImageRecords):
     """Writes predictions as a COCO-panoptic folder: one PNG per image as it comes, the JSON at the end."""
 
     def __init__(self, out: Path, root: Path, split: str, label_map: LabelMap) -> None:
@@ -206,26 +157,25 @@ class _PredictionWriter:
         self.png_dir = out / f"panoptic_{split}"
         self.png_dir.mkdir(parents=True, exist_ok=True)
         self.images = {img["id"]: img for img in read_json(annotation_json(root, split))["images"]}
-        self.categories = label_map.coco_categories()
+        self.label_map = label_map
+        super().__init__()
 
-    def write_png(self, image_id: int, png_name: str, id_map: np.ndarray, segments_info: list[dict]) -> dict:
+    def image_record(self, image: ImageInput, prediction: ImageOutput) -> dict:
         """Write one image's PNG; returns its annotation for the JSON."""
-        file_name = Path(png_name).stem + ".png"
-        write_panoptic_png(self.png_dir / file_name, id_map)
-        return {"image_id": image_id, "file_name": file_name, "segments_info": segments_info}
+        file_name = Path(image.file_name).stem + ".png"
+        write_panoptic_png(self.png_dir / file_name, prediction.panoptic_ids())
+        segments_info = segments_to_coco(prediction.panoptic, self.label_map)
+        return {"image_id": image.image_id, "file_name": file_name, "segments_info": segments_info}
 
-    def close(self, annotations: list[dict]) -> None:
-        images = [self.images[a["image_id"]] for a in annotations]
-        write_json(self.json_path, {"images": images, "annotations": annotations, "categories": self.categories})
-
-
-def _gt_boxes(segments: list[dict], label_map: LabelMap) -> dict[str, torch.Tensor]:
-    kept = [s for s in segments if not s.get("iscrowd", 0)]
-    xyxy = [[x, y, x + w, y + h] for x, y, w, h in (s["bbox"] for s in kept)]
-    return {
-        "boxes": torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4),
-        "labels": torch.tensor([label_map.index_of_category(s["category_id"]) for s in kept], dtype=torch.int64),
-    }
+    def close(self, processes: Processes) -> None:
+        """Write the JSON of every process's images (on the main process; the others wait for it)."""
+        self.gather(processes)
+        if processes.is_main:
+            annotations = self.records()
+            images = [self.images[a["image_id"]] for a in annotations]
+            write_json(self.json_path, {"images": images, "annotations": annotations,
+                                        "categories": self.label_map.coco_categories()})
+        processes.wait()
 
 
 def metrics_table(metrics: dict) -> str:

@@ -2,18 +2,23 @@
 
 `PanopticQuality` reproduces panopticapi's `pq_compute` (cocodataset/panopticapi, `panopticapi/evaluation.py`)
 rule for rule, but per image with one joint histogram of (gt id, pred id) pairs instead of Python loops
-(`panoptic_matching.py`), which makes it fast enough to run inside every evaluation.
+(`panoptic_matching.py`), which makes it fast enough to run inside every evaluation. `PanopticEvaluator` feeds
+it from a model's predictions on a built split.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import DataError
+from .base import Evaluator, ImageInput, ImageOutput
 from .panoptic_matching import ImageStats, image_stats
+
+if TYPE_CHECKING:
+    from ..labels import LabelMap
 
 def _normalise_categories(categories: Mapping[int, Mapping] | Sequence[Mapping]) -> dict[int, dict]:
     """`{id: {"name", "isthing"}}` from either that mapping or a COCO `categories` list."""
@@ -123,3 +128,17 @@ class PanopticQuality:
         result["per_class"] = per_class
         return result
 
+
+class PanopticEvaluator(Evaluator):
+    """PQ of a model's panoptic predictions against the split's gt id maps, per class of the label map."""
+
+    def __init__(self, label_map: LabelMap) -> None:
+        self.label_map = label_map
+        super().__init__(PanopticQuality({c.category_id: {"name": c.name, "isthing": c.isthing}
+                                          for c in label_map.classes}))
+
+    def image_record(self, image: ImageInput, prediction: ImageOutput) -> ImageStats:
+        """The image's matches, FP and FN, with the predicted classes as the dataset's category ids."""
+        segments = [{"id": s["id"], "category_id": self.label_map.category_id(s["label_id"])}
+                    for s in prediction.panoptic.segments]
+        return self.metric.image_stats(image.id_map, image.segments, prediction.panoptic_ids(), segments)

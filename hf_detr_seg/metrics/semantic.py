@@ -1,13 +1,19 @@
 """Per-class IoU / mIoU and the pooled pixel precision, recall and F1 that crack papers report (with an optional
-distance tolerance)."""
+distance tolerance); `SemanticEvaluator` scores a model's panoptic predictions by their class maps."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
+
+from ..data.panoptic import class_map_from_segments
+from .base import Evaluator, ImageInput, ImageOutput
+
+if TYPE_CHECKING:
+    from ..labels import LabelMap
 
 def _within(mask: np.ndarray, tolerance: float) -> np.ndarray:
     """Pixels at Euclidean distance <= tolerance from any pixel of `mask` (the mask itself included)."""
@@ -145,3 +151,27 @@ class SemanticScores:
             "tolerance": self.tolerance,
             "per_class": per_class,
         }
+
+
+class SemanticEvaluator(Evaluator):
+    """IoU per class and mIoU of the predictions' class maps, and pixel precision/recall/F1 for every defect
+    class, thing or stuff (crack is often stuff): every class but the background."""
+
+    def __init__(self, label_map: LabelMap, tolerance: float = 0) -> None:
+        self.label_map = label_map
+        defects = [i for i, c in enumerate(label_map.classes) if not c.background]
+        super().__init__(SemanticScores(label_map.num_classes, defects, tolerance=tolerance,
+                                        class_names=label_map.names))
+
+    def image_record(self, image: ImageInput, prediction: ImageOutput) -> tuple[np.ndarray, ...]:
+        """The image's confusion matrix and defect pixel counts, from the gt and predicted class maps."""
+        truth = class_map_from_segments(image.id_map, image.segments,
+                                        lambda s: self.label_map.index_of_category(s["category_id"]))
+        predicted = class_map_from_segments(prediction.panoptic_ids(), prediction.panoptic.segments,
+                                            lambda s: s["label_id"])
+        return self.metric.image_counts(truth, predicted)
+
+    def compute(self) -> dict[str, Any]:
+        """`miou` and the `per_class` scores; the means over defect classes are left to `SemanticScores`."""
+        scores = super().compute()
+        return {"miou": scores["miou"], "per_class": scores["per_class"]}

@@ -122,7 +122,8 @@ def _classes_table(label_map: LabelMap) -> str:
         if label_map.coco_base
         else ""
     )
-    return f"| model index | class | kind | measured as | dataset category id |\n|---|---|---|---|---|\n{rows}\n{coco_note}"
+    header = "| model index | class | kind | measured as | dataset category id |\n|---|---|---|---|---|"
+    return f"{header}\n{rows}\n{coco_note}"
 
 
 def _dataset_name(run_settings: dict[str, Any]) -> str:

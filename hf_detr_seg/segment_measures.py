@@ -25,7 +25,7 @@ from .quantify import crack_in_box, empty_crack, empty_region, pixel_scale, regi
 
 Box = tuple[slice, slice]
 
-__all__ = ["measure_segments", "segment_cracks"]
+__all__ = ["crack_masks", "measure_segments", "segment_cracks"]
 
 
 def measure_segments(
@@ -61,6 +61,20 @@ def measure_segments(
         out.update(_measured(crop, box, info, label_map.instances, ids.shape, scale, unit))
         results.append(out)
     return results
+
+
+def crack_masks(id_map: np.ndarray, segments: Sequence[dict], label_map: LabelMap) -> list[tuple[np.ndarray, Box]]:
+    """Every crack of a panoptic map as (its mask on its box, the box): the segments of crack-role classes, a thing
+    segment whole and a stuff one split as `measure_segments` splits it (for comparing cracks, not segments)."""
+    boxes = _segment_boxes(id_map, [int(s["id"]) for s in segments])
+    cracks = []
+    for segment in segments:
+        info, box = label_map.classes[int(segment["label_id"])], boxes.get(int(segment["id"]))
+        if info.measure != "crack" or box is None:
+            continue
+        crop = id_map[box] == int(segment["id"])
+        cracks.extend([(crop, box)] if info.isthing else segment_cracks(crop, box, label_map.instances))
+    return cracks
 
 
 def _measured(crop: np.ndarray | None, box: Box | None, info: ClassInfo, rules: InstanceRules,

@@ -16,7 +16,7 @@ from hf_detr_seg.data.masks import VOID
 from hf_detr_seg.errors import UserInputError
 from hf_detr_seg.labels import LabelMap
 from hf_detr_seg.quantify import crack_metrics
-from hf_detr_seg.segment_measures import measure_segments
+from hf_detr_seg.segment_measures import crack_masks, measure_segments
 
 SUPERSAMPLE = 8
 
@@ -128,3 +128,15 @@ def test_measure_segments_dispatches_by_role(crack_id: int) -> None:
     assert absent_stuff["cracks"] == [] and absent_stuff["area"] == 0.0
     with pytest.raises(UserInputError, match="label_id 7"):
         measure_segments(id_map, [{"id": 2, "label_id": 7}], label_map())
+
+
+def test_crack_masks_lists_every_crack_of_the_crack_role() -> None:
+    id_map = np.zeros((60, 80), np.int32)
+    id_map[10, 5:30] = id_map[40, 5:30] = 1  # a stuff crack segment of two cracks
+    id_map[20:30, 50:70] = 2  # spalling: not a crack
+    segments = [{"id": 1, "label_id": 0}, {"id": 2, "label_id": 1}, {"id": 3, "label_id": 0}]  # 3: absent
+    cracks = crack_masks(id_map, segments, label_map(crack_is_thing=False))
+    assert [(mask.sum(), box) for mask, box in cracks] == [(25, (slice(10, 11), slice(5, 30))),
+                                                          (25, (slice(40, 41), slice(5, 30)))]
+    [(whole, box)] = crack_masks(id_map, segments, label_map(crack_is_thing=True))
+    assert whole.sum() == 50 and box == (slice(10, 41), slice(5, 30))

@@ -1,0 +1,139 @@
+"""How well predicted cracks measure against the true ones of a built dataset's split:
+
+    python benchmarks/crack_measurement.py DATASET --predictions PREDICT_OUT [--split val] [--json out.json]
+    python benchmarks/crack_measurement.py DATASET --model MODEL [--threshold 0.85] [--tile-size 512]
+
+The true cracks are the split's segments of the classes whose role is `measure: crack` (dataset labels.yaml),
+a stuff segment split into connected cracks as `predict` splits it (`segment_measures.crack_masks`). The
+predicted ones come from a `predict` output folder (`<stem>_panoptic.png` and `<stem>.json` per image, the
+classes read by name through the dataset's label map), or from `--model`, which runs `predict` on the split's
+images into a temporary folder first. A true and a predicted crack of one image are matched one to one, the
+largest overlap first, by the IoU of their masks each widened by `--tolerance` pixels (a one-pixel offset
+would otherwise leave a 2-px crack without a match); pairs below `--min-iou` stay unmatched. Each crack is
+measured in pixels by `quantify`'s estimator; prints one JSON object: counts, the median mean-width error
+(predicted - true, px; and its median absolute value) and the median length ratio (predicted / true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from hf_detr_seg.data import panoptic
+from hf_detr_seg.labels import LabelMap
+from hf_detr_seg.quantify import crack_in_box
+from hf_detr_seg.segment_measures import crack_masks
+
+Crack = tuple[np.ndarray, tuple[slice, slice]]
+
+
+def compare_split(dataset: Path, predictions: Path, split: str = "val", tolerance: int = 2,
+                  min_iou: float = 0.3) -> dict:
+    """The summary the script prints, for a dataset split and a folder of `predict` outputs (module docstring)."""
+    label_map = panoptic.load_dataset_label_map(dataset)
+    data = panoptic.read_json(panoptic.annotation_json(dataset, split))
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    pairs, counts = [], {"true_cracks": 0, "predicted_cracks": 0}
+    for annotation in data["annotations"]:
+        ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
+        segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
+                    for s in annotation["segments_info"]]
+        truth = crack_masks(ids, segments, label_map)
+        predicted = _predicted_cracks(predictions, Path(files[annotation["image_id"]]).stem, label_map)
+        counts["true_cracks"] += len(truth)
+        counts["predicted_cracks"] += len(predicted)
+        pairs += [(crack_in_box(*t, ids.shape), crack_in_box(*p, ids.shape))
+                  for t, p in match_cracks(truth, predicted, ids.shape, tolerance, min_iou)]
+    return summarise(pairs, counts)
+
+
+def _predicted_cracks(folder: Path, stem: str, label_map: LabelMap) -> list[Crack]:
+    """The cracks of one image's `predict` outputs (none when the image has no outputs)."""
+    document_path = folder / f"{stem}.json"
+    if not document_path.is_file():
+        return []
+    document = json.loads(document_path.read_text())
+    segments = [{"id": s["id"], "label_id": label_map.index_of(s["class"])} for s in document["segments"]]
+    return crack_masks(panoptic.read_panoptic_png(folder / f"{stem}_panoptic.png"), segments, label_map)
+
+
+def match_cracks(truth: list[Crack], predicted: list[Crack], shape: tuple[int, int], tolerance: int,
+                 min_iou: float) -> list[tuple[Crack, Crack]]:
+    """One-to-one pairs, the largest IoU of the widened masks first, each at least `min_iou`."""
+    widened_truth = [_widened(c, shape, tolerance) for c in truth]
+    widened_predicted = [_widened(c, shape, tolerance) for c in predicted]
+    scores = []
+    for i, t in enumerate(widened_truth):
+        for j, p in enumerate(widened_predicted):
+            union = np.count_nonzero(t | p)
+            scores.append((np.count_nonzero(t & p) / union if union else 0.0, i, j))
+    pairs, used_truth, used_predicted = [], set(), set()
+    for iou, i, j in sorted(scores, reverse=True):
+        if iou >= min_iou and i not in used_truth and j not in used_predicted:
+            pairs.append((truth[i], predicted[j]))
+            used_truth.add(i)
+            used_predicted.add(j)
+    return pairs
+
+
+def _widened(crack: Crack, shape: tuple[int, int], tolerance: int) -> np.ndarray:
+    """The crack's mask on the whole image, dilated by `tolerance` pixels (a square of side 2 t + 1)."""
+    full = np.zeros(shape, np.uint8)
+    full[crack[1]] = crack[0]
+    if tolerance > 0:
+        full = cv2.dilate(full, np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8))
+    return full.astype(bool)
+
+
+def summarise(pairs: list[tuple[dict, dict]], counts: dict) -> dict:
+    """Counts and medians over the matched (true, predicted) measurements; medians None without a match."""
+    errors = [p["mean_width"] - t["mean_width"] for t, p in pairs]
+    ratios = [p["length"] / t["length"] for t, p in pairs if t["length"] > 0]
+
+    def median(values: list[float]) -> float | None:
+        return round(float(np.median(values)), 3) if values else None
+
+    return {**counts, "matched": len(pairs), "median_mean_width_error_px": median(errors),
+            "median_abs_mean_width_error_px": median([abs(e) for e in errors]),
+            "median_length_ratio": median(ratios)}
+
+
+def _predict_split(dataset: Path, split: str, model: str, out: Path, args: argparse.Namespace) -> Path:
+    """`predict` on the split's images into `out` (the script's `--model` path)."""
+    from hf_detr_seg.inference import predict_paths
+
+    options = {"threshold": args.threshold, "tile_size": args.tile_size}
+    predict_paths(model, [panoptic.image_folder(dataset, split)], out, progress=True,
+                  **{name: value for name, value in options.items() if value is not None})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", type=Path, help="a folder built by hf-detr-seg build-dataset")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", type=Path, help="a predict output folder for the split's images")
+    source.add_argument("--model", help="a model folder: predict the split's images first")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--tolerance", type=int, default=2, help="pixels each mask is widened by for matching")
+    parser.add_argument("--min-iou", type=float, default=0.3, help="least IoU (widened masks) of a match")
+    parser.add_argument("--threshold", type=float, help="with --model: predict's query threshold")
+    parser.add_argument("--tile-size", type=int, help="with --model: predict's tile size")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        predictions = args.predictions or _predict_split(args.dataset, args.split, args.model, Path(tmp), args)
+        summary = compare_split(args.dataset, predictions, args.split, args.tolerance, args.min_iou)
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""benchmarks/crack_measurement.py on a tiny synthetic case: predictions equal to the truth, widened, or absent."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import save_tiny_model
+
+from hf_detr_seg.data.panoptic import (
+    annotation_folder,
+    annotation_json,
+    load_dataset_label_map,
+    read_json,
+    read_panoptic_png,
+    write_panoptic_png,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import crack_measurement  # noqa: E402
+
+
+def predictions_from_truth(dataset: Path, out: Path, widen: int = 0, drop_cracks: bool = False) -> Path:
+    """A `predict`-like folder whose segments are the val truth's, crack segments widened by `widen` px."""
+    label_map = load_dataset_label_map(dataset)
+    data = read_json(annotation_json(dataset, "val"))
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    out.mkdir()
+    for annotation in data["annotations"]:
+        ids = read_panoptic_png(annotation_folder(dataset, "val") / annotation["file_name"])
+        segments = []
+        for s in annotation["segments_info"]:
+            info = label_map.classes[label_map.index_of_category(s["category_id"])]
+            if info.measure == "crack" and drop_cracks:
+                ids[ids == s["id"]] = 0
+                continue
+            if info.measure == "crack" and widen:
+                grown = cv2.dilate((ids == s["id"]).astype(np.uint8), np.ones((2 * widen + 1,) * 2, np.uint8))
+                ids[grown > 0] = s["id"]
+            segments.append({"id": s["id"], "class": info.name})
+        stem = Path(files[annotation["image_id"]]).stem
+        write_panoptic_png(out / f"{stem}_panoptic.png", ids.astype(np.uint32))
+        (out / f"{stem}.json").write_text(json.dumps({"segments": segments}))
+    return out
+
+
+def test_predictions_equal_to_the_truth_measure_without_error(dataset: Path, tmp_path: Path):
+    summary = crack_measurement.compare_split(dataset, predictions_from_truth(dataset, tmp_path / "same"))
+    assert summary["true_cracks"] == summary["predicted_cracks"] == summary["matched"] > 0
+    assert summary["median_mean_width_error_px"] == 0 and summary["median_length_ratio"] == 1
+
+
+def test_widened_predictions_measure_wider_and_missing_ones_match_nothing(dataset: Path, tmp_path: Path, capsys):
+    widened = predictions_from_truth(dataset, tmp_path / "wide", widen=1)
+    summary = crack_measurement.main([str(dataset), "--predictions", str(widened), "--json", str(tmp_path / "s.json")])
+    assert summary["matched"] == summary["true_cracks"]
+    assert summary["median_mean_width_error_px"] == pytest.approx(2, abs=0.7)
+    assert 0.85 <= summary["median_length_ratio"] <= 1.15
+    assert json.loads(capsys.readouterr().out) == summary == json.loads((tmp_path / "s.json").read_text())
+    no_cracks = predictions_from_truth(dataset, tmp_path / "none", drop_cracks=True)
+    empty = crack_measurement.compare_split(dataset, no_cracks)
+    assert empty["matched"] == empty["predicted_cracks"] == 0 and empty["median_length_ratio"] is None
+
+
+def test_a_model_is_run_through_predict_first(dataset: Path, tmp_path: Path):
+    model = save_tiny_model(tmp_path / "model", load_dataset_label_map(dataset), 64)
+    summary = crack_measurement.main([str(dataset), "--model", str(model), "--threshold", "0.5"])
+    assert summary["true_cracks"] > 0 and summary["matched"] <= summary["predicted_cracks"]

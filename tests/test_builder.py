@@ -331,3 +331,10 @@ def test_cli_entry_point_and_validate(small_source: Path, tmp_path: Path):
     (out / "annotations/panoptic_train.json").write_text(json.dumps(data))
     bad = subprocess.run([str(exe), "validate", str(out)], capture_output=True, text=True)
     assert bad.returncode == 1 and "INVALID" in bad.stderr and "area" in bad.stderr
+
+
+def test_resolved_labels_carry_every_role(dataset: Path):
+    """OUT/labels.yaml states each class's role (the model config copies it from there)."""
+    classes = yaml.safe_load((dataset / "labels.yaml").read_text())["classes"]
+    assert {c["name"]: c.get("measure") for c in classes} == {
+        "crack": "crack", "spalling": "area", "efflorescence": "area", "corrosion": "area", "surface": None}

@@ -347,18 +347,7 @@ def build_dataset(
             image_folder(tmp, split).mkdir(parents=True)
             annotation_folder(tmp, split).mkdir(parents=True)
         results = _run_workers([(s, label_map, tmp, skip_bad) for s in samples], workers, progress)
-        records: dict[str, dict[str, list]] = {s: {"images": [], "annotations": []} for s in SPLITS}
-        for sample, result in zip(samples, results):
-            if isinstance(result, str):
-                if not skip_bad:
-                    raise DataError(result)
-                summary.skipped.append(result)
-                continue
-            split_records = records[sample.split]
-            image_id = len(split_records["images"]) + 1
-            split_records["images"].append({"id": image_id, **result.image})
-            split_records["annotations"].append({"image_id": image_id, **result.annotation})
-            summary.add(sample.split, result)
+        records = _split_records(samples, results, skip_bad, summary)
         if not sum(summary.images.values()):
             raise DataError(f"{images}: every image failed; nothing to build")
         for split in SPLITS:
@@ -372,6 +361,26 @@ def build_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def _split_records(
+    samples: list[Sample], results: list[ImageResult | str], skip_bad: bool, summary: BuildSummary
+) -> dict[str, dict[str, list]]:
+    """The COCO-panoptic `images` and `annotations` of each split, ids from 1 in sample order; a failed image
+    (its error message) stops the build, or is listed in `summary.skipped` with `skip_bad`."""
+    records: dict[str, dict[str, list]] = {s: {"images": [], "annotations": []} for s in SPLITS}
+    for sample, result in zip(samples, results):
+        if isinstance(result, str):
+            if not skip_bad:
+                raise DataError(result)
+            summary.skipped.append(result)
+            continue
+        split_records = records[sample.split]
+        image_id = len(split_records["images"]) + 1
+        split_records["images"].append({"id": image_id, **result.image})
+        split_records["annotations"].append({"image_id": image_id, **result.annotation})
+        summary.add(sample.split, result)
+    return records
 
 
 def _run_workers(jobs: list[tuple], workers: int, progress: bool) -> list[ImageResult | str]:

@@ -42,7 +42,7 @@ BACKBONE_OUT_INDICES = (1, 2, 3, 4)
 # Each preset: the timm backbone name plus `DetrConfig` fields. Loss fields stay at their defaults: the project's
 # own criterion (`losses.py`) holds the loss weights.
 PRESETS: dict[str, dict] = {
-    # CPU-sized: one training step on four 192-px images in well under a second on 2 cores. Its backbone's
+    # CPU-sized: a small backbone and transformer, so that both stages train on a few CPU cores. Its backbone's
     # ImageNet weights install with the package (backbones.PACKAGED_WEIGHTS).
     "tiny": {
         "backbone": "efficientnet_lite0",

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 from scipy import ndimage
-from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_transforms import center_to_corners_format, get_size_with_aspect_ratio
 
 from conftest import save_mask, save_rgb
 from hf_detr_seg.data.builder import build_dataset
@@ -127,9 +127,8 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def denormalised(boxes: torch.Tensor, size: torch.Tensor) -> np.ndarray:
-    cx, cy, w, h = boxes.double().numpy().T
     height, width = size.tolist()
-    return np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
+    return center_to_corners_format(boxes.double()).numpy() * [width, height, width, height]
 
 
 def unnormalised_image(pixel_values: torch.Tensor) -> np.ndarray:

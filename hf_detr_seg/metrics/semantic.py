@@ -67,11 +67,8 @@ class SemanticScores:
     def reset(self) -> None:
         c = self.num_classes
         self._confusion = np.zeros((c, c + 1), dtype=np.int64)  # rows gt, columns pred (+ "no class")
-        t = len(self.thing_classes)
-        self._pred_hits = np.zeros(t, dtype=np.int64)
-        self._pred_total = np.zeros(t, dtype=np.int64)
-        self._gt_hits = np.zeros(t, dtype=np.int64)
-        self._gt_total = np.zeros(t, dtype=np.int64)
+        # per thing class: predicted pixels, gt pixels, predicted pixels near gt, gt pixels near a prediction
+        self._pixels = np.zeros((4, len(self.thing_classes)), dtype=np.int64)
         self.num_images = 0
 
     def update(self, gt_class_map: Any, pred_class_map: Any) -> None:
@@ -80,12 +77,9 @@ class SemanticScores:
 
     def add(self, counts: tuple[np.ndarray, ...]) -> None:
         """Add one image's `image_counts` (integers: the order of images does not matter)."""
-        confusion, pred_total, gt_total, pred_hits, gt_hits = counts
+        confusion, *pixels = counts
         self._confusion += confusion
-        self._pred_total += pred_total
-        self._gt_total += gt_total
-        self._pred_hits += pred_hits
-        self._gt_hits += gt_hits
+        self._pixels += np.stack(pixels)
         self.num_images += 1
 
     def image_counts(self, gt_class_map: Any, pred_class_map: Any) -> tuple[np.ndarray, ...]:
@@ -125,19 +119,20 @@ class SemanticScores:
                 per_class[self.class_names[k]] = {"iou": _ratio(tp[k], union[k])}
                 ious.append(per_class[self.class_names[k]]["iou"])
         f1s, precisions, recalls = [], [], []
+        pred_total, gt_total, pred_hits, gt_hits = self._pixels
         for j, cls in enumerate(self.thing_classes):
-            if self._gt_total[j] + self._pred_total[j] == 0:
+            if gt_total[j] + pred_total[j] == 0:
                 continue
-            precision = _ratio(self._pred_hits[j], self._pred_total[j])
-            recall = _ratio(self._gt_hits[j], self._gt_total[j])
+            precision = _ratio(pred_hits[j], pred_total[j])
+            recall = _ratio(gt_hits[j], gt_total[j])
             f1 = _ratio(2 * precision * recall, precision + recall)
             per_class[self.class_names[cls]].update(
                 {
                     "precision": precision,
                     "recall": recall,
                     "f1": f1,
-                    "pred_pixels": int(self._pred_total[j]),
-                    "gt_pixels": int(self._gt_total[j]),
+                    "pred_pixels": int(pred_total[j]),
+                    "gt_pixels": int(gt_total[j]),
                 }
             )
             f1s.append(f1)

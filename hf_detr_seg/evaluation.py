@@ -91,7 +91,7 @@ def evaluate_model(
 
 
 def _evaluators(label_map: LabelMap, masks: bool, tolerance: float) -> list[Evaluator]:
-    """Box mAP, and with masks PQ and semantic scores (in this order: the order of the keys in the results)."""
+    """Box mAP alone without masks; with masks PQ, box mAP and semantic scores (the order of the results' keys)."""
     if not masks:
         return [BoxEvaluator(label_map)]
     return [PanopticEvaluator(label_map), BoxEvaluator(label_map), SemanticEvaluator(label_map, tolerance)]

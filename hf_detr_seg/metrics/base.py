@@ -8,7 +8,8 @@ pair into what its metric reads, so the prediction loop knows no metric and a me
 An evaluator keeps one small record per image (its metric's per-image statistics) tagged with the image's
 position in the split. `gather` collects the records of every process (`accelerate launch ... evaluate`) and
 puts them back in the split's order, so the sums (PQ's IoU sums are floats) are added in one order and the
-scores equal a one-process run's to the last bit.
+scores equal a one-process run's to the last bit. `ImageRecords` is that bookkeeping alone; the writer of
+`evaluate --save-predictions` keeps its per-image annotations with it too.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from .data.demo import DEMO_NUM_IMAGES
 from .errors import UserInputError
 
 DEFAULT_DEMO_DIR = Path("outputs/demo-data")
+THRESHOLD_HELP = "keep queries scoring above this (default: the model's own, set by its recipe; else 0.85)"
 # The `huggingface_hub.HfApi`-like object `push` uploads with (None: a new `HfApi()`); tests put a stand-in here.
 HUB_API = None
 
@@ -251,7 +252,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _add(evaluate, "--dataset-dir", required=True, type=Path)
     _add(evaluate, "--split", default="val")
     _add(evaluate, "--json", type=Path, help="write all metrics here")
-    _add(evaluate, "--threshold", type=float, default=0.85, help="keep queries scoring above this")
+    _add(evaluate, "--threshold", type=float, help=THRESHOLD_HELP)
     _add(evaluate, "--image-size", type=int, help="shortest edge (default: the one the model was trained at)")
     _add(evaluate, "--batch-size", type=int, default=4)
     _add(evaluate, "--tolerance", type=float, default=0, help="pixel F1 tolerance in pixels")
@@ -277,7 +278,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     _add(predict, "--model", required=True, help="a model folder (or Hub id)")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     _add(predict, "--out", required=True, type=Path, help="output folder")
-    _add(predict, "--threshold", type=float, default=0.85, help="keep queries scoring above this")
+    _add(predict, "--threshold", type=float, help=THRESHOLD_HELP)
     _add(predict, "--tile-size", type=int, help="split large photos into tiles of this many pixels")
     _add(predict, "--tile-overlap", type=float, help="overlap of neighbouring tiles, a fraction of the tile size")
     _add(predict, "--mm-per-pixel", type=float, help="scale for measurements in millimetres")

@@ -29,7 +29,7 @@ from .labels import LabelMap
 from .metrics import BoxEvaluator, Evaluator, ImageInput, ImageOutput, PanopticEvaluator, SemanticEvaluator
 from .metrics.base import ImageRecords
 from .modeling import label_map_from_config
-from .postprocess import DEFAULT_THRESHOLD, segments_to_coco
+from .postprocess import model_threshold, segments_to_coco
 from .processes import Processes
 
 
@@ -39,7 +39,7 @@ def evaluate_model(
     dataset_dir: str | Path,
     split: str = "val",
     image_size: int = 192,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     batch_size: int = 4,
     masks: bool = True,
     max_images: int | None = None,
@@ -53,6 +53,7 @@ def evaluate_model(
     `hf-detr-seg pq`) reads against the split's annotations: `DIR/panoptic_<split>.json` (images, annotations
     with `segments_info` including scores, categories) and `DIR/panoptic_<split>/<stem>.png`.
 
+    `threshold`: the query score threshold (None: the model's own, `postprocess.model_threshold`).
     `processes` (`accelerate launch`): each process predicts every N-th batch of the split (the batches of a
     one-process run, so the same forward passes), the evaluators' per-image records are gathered and added in
     the split's order on every process: the metrics equal a one-process run's.
@@ -76,6 +77,7 @@ def evaluate_model(
     consumers: list[ImageRecords] = [*evaluators, writer] if writer is not None else [*evaluators]
     truth = _ground_truth(root, split)
     stuff = {i for i, c in enumerate(label_map.classes) if not c.isthing}
+    threshold = model_threshold(model.config) if threshold is None else threshold
     was_training = model.training
     model.eval()
     for indices, batch in zip(mine, DataLoader(dataset, batch_sampler=mine, collate_fn=collate_fn)):

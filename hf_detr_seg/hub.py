@@ -19,7 +19,7 @@ from transformers import DetrForSegmentation, DetrImageProcessor, PreTrainedConf
 
 from .errors import UserInputError
 from .labels import LabelMap
-from .postprocess import DEFAULT_THRESHOLD
+from .postprocess import model_threshold
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.json"
@@ -38,11 +38,14 @@ def save_model_folder(
     """Write a folder that `DetrForSegmentation.from_pretrained` and the 🤗 pipeline load as it is.
 
     `label_map`, the run's (None: the model's own), becomes the config's: a stage-2 model carries the roles of the
-    dataset it was last trained on even when its stage-1 start was saved before they were set. The card is then
+    dataset it was last trained on even when its stage-1 start was saved before they were set. The run's
+    `eval_threshold` becomes the config's `score_threshold`, the default of `predict` and `evaluate`. The card is then
     written from the config alone, as anyone reading the folder will see the model.
     """
     if label_map is not None:
         model.config.label_map = label_map.to_dict()
+    if "eval_threshold" in run_settings:  # the threshold the metrics were measured at is the model's own
+        model.config.score_threshold = float(run_settings["eval_threshold"])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
@@ -70,7 +73,7 @@ def model_card(config: PreTrainedConfig, run_settings: dict[str, Any], metrics: 
     label_map = label_map_from_config(config)
     stage = run_settings.get("stage")
     what = "box detection (stage 1; masks not trained yet)" if stage == 1 else "panoptic segmentation"
-    threshold = run_settings.get("eval_threshold", DEFAULT_THRESHOLD)
+    threshold = model_threshold(config)
     return f"""---
 library_name: transformers
 pipeline_tag: image-segmentation

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,15 @@ from torch.nn import functional as F
 
 from .labels import LabelMap
 
-# The project's one default score threshold (`predict`, `evaluate` and the model card use it).
+# DETR's panoptic score threshold: the default of a model that does not carry its own.
 DEFAULT_THRESHOLD = 0.85
+
+
+def model_threshold(config: Any) -> float:
+    """The score threshold a model was validated at: `score_threshold` in its config (training saves its
+    `eval_threshold` there), else DETR's 0.85. How confident a DETR's correct detections are depends on how long
+    and on what it was trained, so the threshold travels with the model rather than being one constant."""
+    return float(getattr(config, "score_threshold", DEFAULT_THRESHOLD))
 
 
 @dataclass

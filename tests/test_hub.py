@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import DetrConfig
 from hf_detr_seg.hub import CARD_FILE, model_card, save_model_folder
 from hf_detr_seg.labels import LabelMap
 from hf_detr_seg.modeling import build_image_processor, build_model
+from hf_detr_seg.postprocess import DEFAULT_THRESHOLD, model_threshold
 
 LABELS = {"mask_format": "indexed", "classes": [
     {"name": "Riss", "isthing": False, "value": 1, "measure": "crack"},
@@ -42,6 +44,8 @@ def test_card_counts_are_integers_and_scores_have_3_decimals(config: DetrConfig)
 
 
 def test_card_shows_roles_and_the_threshold_and_links_nowhere(config: DetrConfig):
+    config = copy.deepcopy(config)
+    config.score_threshold = 0.7
     card = model_card(config, RUN, FINAL)
     assert "| 0 | Riss | stuff | crack | 1 |" in card and "| 1 | spalling | thing | area | 2 |" in card
     assert "| 2 | surface | stuff | background | 3 |" in card
@@ -57,4 +61,15 @@ def test_saved_card_comes_from_the_model_config(tmp_path: Path):
     folder = save_model_folder(model, build_image_processor(64), tmp_path / "m", labels, RUN, {"final": FINAL})
     assert (folder / CARD_FILE).read_text() == model_card(model.config, RUN, FINAL)
     assert "| 0 | Riss | stuff | crack | 1 |" in (folder / CARD_FILE).read_text()
+    assert "threshold=0.7)" in (folder / CARD_FILE).read_text()
     assert save_tiny_model(tmp_path / "plain", labels, 64).joinpath(CARD_FILE).is_file()
+
+
+def test_the_run_threshold_travels_with_the_model(tmp_path: Path):
+    """`eval_threshold` is saved as the config's `score_threshold`, which `predict` and `evaluate` default to;
+    a model without one falls back to DETR's 0.85."""
+    labels = LabelMap.from_dict(LABELS)
+    model = build_model(labels, preset="tiny")
+    assert model_threshold(model.config) == DEFAULT_THRESHOLD
+    folder = save_model_folder(model, build_image_processor(64), tmp_path / "m", labels, RUN, {"final": FINAL})
+    assert model_threshold(DetrConfig.from_pretrained(folder)) == 0.7

@@ -110,6 +110,21 @@ def test_the_saved_processor_is_the_one_source_of_the_input_size(model_dir: Path
     assert DefectSegmenter.from_pretrained(folder, device="cpu").image_size == 800  # DETR's processor default
 
 
+def test_the_threshold_defaults_to_the_models_own(model_dir: Path, tmp_path: Path):
+    """A model saved with `score_threshold` (training writes its `eval_threshold` there) is run at it unless the
+    caller gives another; a model without one runs at DETR's 0.85."""
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("score_threshold", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert DefectSegmenter.from_pretrained(folder, device="cpu").threshold == 0.85
+    (folder / "config.json").write_text(json.dumps({**config, "score_threshold": 0.6}))
+    assert DefectSegmenter.from_pretrained(folder, device="cpu").threshold == 0.6
+    assert DefectSegmenter.from_pretrained(folder, device="cpu", threshold=0.3).threshold == 0.3
+
+
 def test_from_pretrained_rejects_what_is_not_a_segmentation_model(tmp_path: Path, model_dir: Path):
     with pytest.raises(UserInputError, match="not found"):
         DefectSegmenter.from_pretrained(tmp_path / "missing")

@@ -23,7 +23,6 @@ import numpy as np
 
 from ..errors import DataError, UserInputError
 from ..labels import LabelMap
-from ..postprocess import DEFAULT_THRESHOLD
 from ..processes import Processes
 from .inputs import expand_inputs, output_stems, read_photo
 from .results import SegmentationResult
@@ -97,7 +96,7 @@ def predict_paths(
     model_dir: str | Path,
     inputs: list[str | Path],
     out_dir: str | Path,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
     mm_per_pixel: float | None = None,

@@ -34,7 +34,7 @@ from ..data.training_data import collate_fn, to_pixel_values
 from ..data.transforms import DETR_SHORTEST, resize_shortest_edge
 from ..errors import DataError, UserInputError
 from ..labels import LabelMap
-from ..postprocess import DEFAULT_THRESHOLD
+from ..postprocess import model_threshold
 from .forward import predict_batch
 from .inputs import ImageInput, as_rgb_array
 from .results import SegmentationResult, TilePrediction, build_result
@@ -102,7 +102,8 @@ def load_segmentation_model(model_dir: str | Path):
 class DefectSegmenter:
     """Panoptic defect segmentation of whole images with a trained `DetrForSegmentation` (module docstring).
 
-    `threshold`: query score threshold (strict, as `post_process_panoptic`). `image_size`: the shortest edge the
+    `threshold`: query score threshold (strict, as `post_process_panoptic`; None: the model's own,
+    `postprocess.model_threshold`). `image_size`: the shortest edge the
     model is fed. `tile_size`: tile images whose width or height exceeds it (None: never tile). `tile_overlap`:
     fraction of `tile_size` that neighbouring tiles share, in [0, 1). `batch_size`: tiles (or whole images) per
     forward pass, and images per group. `kept_only=False` runs the mask head for every query (the reference).
@@ -113,7 +114,7 @@ class DefectSegmenter:
         model,
         label_map: LabelMap | None = None,
         image_size: int = DETR_SHORTEST,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
         batch_size: int = 4,
@@ -128,6 +129,7 @@ class DefectSegmenter:
             raise UserInputError(f"image_size must be an integer of at least 8, got {image_size!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        threshold = model_threshold(model.config) if threshold is None else threshold
         if not 0 <= threshold < 1:
             raise UserInputError(f"threshold must be in [0, 1), got {threshold!r}")
         self.label_map = label_map if label_map is not None else label_map_from_config(model.config)
@@ -149,7 +151,7 @@ class DefectSegmenter:
         cls,
         model_dir: str | Path,
         device: str | torch.device | None = None,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         image_size: int | None = None,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,

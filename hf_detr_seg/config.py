@@ -16,6 +16,7 @@ import yaml
 
 from .errors import UserInputError
 from .losses import MASK_LOSSES, LossWeights
+from .margin import check_margin
 from .mask_head_init import DEFAULT_ATTENTION_GAIN
 
 
@@ -79,9 +80,13 @@ class TrainConfig:
     # values the decoder reads say where they are (memory_supervision.py); 0 turns it off.
     encoder_position_weight: float = 0.0
     num_queries: int | None = None  # preset override
+    d_model: int | None = None  # preset override: the transformer's width; the mask head's FPN widths follow it
     dropout: float | None = None  # preset override: the transformer's dropout (DETR: 0.1)
     backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
     eval_threshold: float = 0.85
+    # Padding in input pixels around every image the model sees, in training and prediction alike, so no image
+    # edge is a feature-map edge (margin.py); a multiple of 16. Saved with the model; stage 2 keeps stage 1's.
+    context_margin: int = 0
     eval_max_images: int | None = None  # evaluate on the first N val images only (speed on CPU)
 
     def __post_init__(self) -> None:
@@ -96,6 +101,7 @@ class TrainConfig:
                 "--cache_detector_outputs needs --augment false: augmented images differ every epoch, so the "
                 "detector's outputs of the first epoch would be wrong for the next"
             )
+        check_margin(self.context_margin, "--context_margin")
         if self.detector_cache_gib <= 0:
             raise UserInputError(f"--detector_cache_gib: expected a positive size, got {self.detector_cache_gib!r}")
         if self.output_dir is None:

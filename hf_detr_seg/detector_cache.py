@@ -37,10 +37,10 @@ from .losses import DetrCriterion, Indices
 logger = logging.getLogger(__name__)
 
 
-# What an entry keeps: the decoder output of the matched queries [n, d], the encoder output [d, h, w], the
-# projected last backbone level [d, h, w] and the backbone levels the mask head fuses [c, h_l, w_l], coarse to
-# fine. (The encoder's mask is all True on the cropped extent: not kept.)
-PARTS = ("queries", "memory", "projected_features", "fpn_0", "fpn_1", "fpn_2")
+# What an entry keeps: the decoder output of the matched queries [n, d], the encoder output [d, h, w] and its
+# mask [h, w] (False on a margin around the image, margin.py), the projected last backbone level [d, h, w] and
+# the backbone levels the mask head fuses [c, h_l, w_l], coarse to fine.
+PARTS = ("queries", "memory", "memory_mask", "projected_features", "fpn_0", "fpn_1", "fpn_2")
 
 
 class _Entry(NamedTuple):
@@ -89,10 +89,12 @@ def _image_keys(labels: Sequence[dict[str, Tensor]]) -> list[int]:
 
 
 def _extent(pixel_mask: Tensor, size: Sequence[int]) -> tuple[int, int]:
-    """Rows and columns of real pixels of one image at a feature level of `size`, with the mask downsampled as
-    transformers' DETR backbone does it (nearest); padding is bottom/right, so the real part is a top-left box."""
+    """Rows and columns of one image at a feature level of `size`, with the mask downsampled as transformers'
+    DETR backbone does it (nearest): its real cells, a margin as wide as the one before them (margin.py), and
+    no batch padding beyond, which is bottom/right, so the image is a top-left box."""
     mask = F.interpolate(pixel_mask[None, None].float(), size=tuple(size)).bool()[0, 0]
-    return int(mask.any(1).sum()), int(mask.any(0).sum())
+    rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+    return int(rows[0] + rows[-1] + 1), int(cols[0] + cols[-1] + 1)
 
 
 def _crop(feature: Tensor, extent: tuple[int, int]) -> Tensor:
@@ -173,14 +175,10 @@ class DetectorCache:
         decoder_output = queries[0].new_zeros(len(entries), most, queries[0].shape[-1])
         for i, rows in enumerate(queries):
             decoder_output[i, : len(rows)] = rows
-        memory = _pad_stack([p["memory"] for p in parts])
-        memory_mask = torch.zeros((len(entries), *memory.shape[-2:]), dtype=torch.bool, device=memory.device)
-        for i, p in enumerate(parts):
-            memory_mask[i, : p["memory"].shape[-2], : p["memory"].shape[-1]] = True
         inputs = MaskHeadInputs(
             decoder_output=decoder_output,
-            memory=memory,
-            memory_mask=memory_mask,
+            memory=_pad_stack([p["memory"] for p in parts]),
+            memory_mask=_pad_stack([p["memory_mask"] for p in parts]).bool(),
             projected_features=_pad_stack([p["projected_features"] for p in parts]),
             fpn_features=[_pad_stack([p[f"fpn_{level}"] for p in parts]) for level in range(3)],
         )
@@ -194,6 +192,7 @@ class DetectorCache:
         parts = [
             detector.decoder_output[b, queries.to(detector.decoder_output.device)],
             _crop(detector.memory[b], last_level),
+            _crop(detector.memory_mask[b], last_level),
             _crop(detector.projected_features[b], last_level),
             *[_crop(f[b], _extent(pixel_mask, f.shape[-2:])) for f in detector.fpn_features],
         ]

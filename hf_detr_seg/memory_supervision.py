@@ -78,12 +78,12 @@ class EncoderPresenceHead(nn.Module):
 
 def cell_positions(memory_mask: Tensor) -> Tensor:
     """[B, 2, h, w]: each cell's centre (x, y) relative to its image's real extent (DETR's box coordinates)."""
-    batch, height, width = memory_mask.shape
-    rows = memory_mask.any(2).sum(1).clamp(min=1).to(torch.float)  # real cells per column, per image
-    cols = memory_mask.any(1).sum(1).clamp(min=1).to(torch.float)
-    xs = (torch.arange(width, device=memory_mask.device, dtype=torch.float) + 0.5)[None, :] / cols[:, None]
-    ys = (torch.arange(height, device=memory_mask.device, dtype=torch.float) + 0.5)[None, :] / rows[:, None]
-    return torch.stack([xs[:, None, :].expand(batch, height, width), ys[:, :, None].expand(batch, height, width)], 1)
+    real = memory_mask.to(torch.float)
+    # Counted from the first real cell, as DETR's sine encoding counts positions: padding before the image (a
+    # margin, margin.py) shifts no position.
+    xs = (real.cumsum(2) - 0.5) / real.sum(2, keepdim=True).clamp(min=1)
+    ys = (real.cumsum(1) - 0.5) / real.sum(1, keepdim=True).clamp(min=1)
+    return torch.stack([xs, ys], 1)
 
 
 class EncoderPositionHead(nn.Module):

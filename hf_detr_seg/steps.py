@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .detector_cache import DetectorCache
 from .detr_forward import MaskHeadInputs, run_detector, run_mask_head
 from .losses import DetrCriterion, Indices, matched_query_index
+from .margin import add_margin_to_batch, context_margin
 from .memory_supervision import EncoderPositionHead, EncoderPresenceHead
 from .modeling import set_trainable
 
@@ -39,6 +40,12 @@ class StageStep(nn.Module):
     def training_heads(self) -> nn.ModuleList:
         """The training-only modules beside the model (optimised with it, never saved); none by default."""
         return nn.ModuleList()
+
+    def with_margin(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, labels: list[dict]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """The batch with the model's margin around every image, as prediction gives it (margin.py)."""
+        return add_margin_to_batch(context_margin(self.model.config), pixel_values, pixel_mask, labels)
 
 
 class Stage1Step(StageStep):
@@ -67,6 +74,7 @@ class Stage1Step(StageStep):
         return nn.ModuleList([m for m in (self.presence_head, self.position_head) if m is not None])
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, labels: list[dict]) -> dict:
+        pixel_values, pixel_mask, labels = self.with_margin(pixel_values, pixel_mask, labels)
         detector = run_detector(self.model, pixel_values, pixel_mask)
         losses = self.criterion(detector.as_loss_inputs(), labels)
         if self.presence_head is not None:
@@ -101,6 +109,7 @@ class Stage2Step(StageStep):
         return self
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, labels: list[dict]) -> dict:
+        pixel_values, pixel_mask, labels = self.with_margin(pixel_values, pixel_mask, labels)
         mask_head_inputs, indices = self._frozen_detector(pixel_values, pixel_mask, labels)
         batch_index, query_index = matched_query_index(indices)
         device = pixel_values.device

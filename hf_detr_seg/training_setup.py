@@ -19,6 +19,7 @@ from .data.training_data import PanopticDetrDataset, collate_fn
 from .errors import TrainingError, UserInputError
 from .hub import RUN_FILE
 from .labels import LabelMap
+from .margin import context_margin
 from .mask_head_init import init_mask_head_from_decoder
 from .modeling import build_model, group_of, label_map_from_config
 
@@ -34,7 +35,7 @@ def ensure_demo_dataset(accelerator: Accelerator) -> Path:
         from .data.builder import build_dataset
         from .data.demo import generate_demo_data
 
-        source = generate_demo_data(DEMO_DATASET.parent / "data", size=256, seed=0)
+        source = generate_demo_data(DEMO_DATASET.parent / "data", seed=0)
         build_dataset(source / "images", source / "masks", source / "labels.yaml", DEMO_DATASET, progress=False)
         logger.warning("No --dataset_dir given: built the demo dataset in %s", DEMO_DATASET)
     accelerator.wait_for_everyone()
@@ -80,9 +81,12 @@ def load_model(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
         overrides["backbone"] = config.backbone
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
+    if config.d_model is not None:
+        overrides["d_model"] = config.d_model
     model = build_model(label_map, config.model_name_or_path, config.preset, config.backbone_checkpoint,
                         preset_overrides=overrides, pretrained_backbone=config.pretrained_backbone)
     model.config.auxiliary_loss = True  # DETR's deep supervision of every decoder layer
+    model.config.context_margin = config.context_margin  # the model's from now on, in training and prediction
     return model
 
 
@@ -99,6 +103,11 @@ def _stage1_output(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentat
     model = DetrForSegmentation.from_pretrained(folder)
     if config.mask_attention_gain > 0:
         init_mask_head_from_decoder(model, config.mask_attention_gain)
+    if context_margin(model.config) != config.context_margin:
+        raise TrainingError(
+            f"--context_margin {config.context_margin}: the detector in {folder} was trained with "
+            f"{context_margin(model.config)}; stage 2 keeps the detector's margin"
+        )
     model_labels = label_map_from_config(model.config)
     if model_labels.names != label_map.names or [c.isthing for c in model_labels.classes] != [
         c.isthing for c in label_map.classes

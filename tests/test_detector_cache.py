@@ -54,10 +54,14 @@ def detector_runs(setup):
     hook.remove()
 
 
-def test_cached_batches_equal_the_detector_and_skip_it(setup, detector_runs: list[int]) -> None:
+@pytest.mark.parametrize("margin", [0, 16])
+def test_cached_batches_equal_the_detector_and_skip_it(setup, detector_runs: list[int], margin: int,
+                                                       monkeypatch) -> None:
     """Images cached from two batches, then met in a third batch of another composition: the same losses and
-    mask-head gradients as the uncached path, and the detector does not run again."""
+    mask-head gradients as the uncached path, and the detector does not run again; with a margin too (the
+    cache keeps it and its mask around each image)."""
     model, label_map, data = setup
+    monkeypatch.setattr(model.config, "context_margin", margin, raising=False)
     cache = DetectorCache(max_bytes=2**30)
     cached, plain = _step(model, label_map, cache), _step(model, label_map)
     first = collate_fn([data[i] for i in (0, 1, 2)])

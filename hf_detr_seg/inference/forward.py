@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from transformers import DetrForSegmentation
 
 from ..detr_forward import DetectorOutputs, run_detector, run_mask_head
+from ..margin import add_margin, context_margin, crop_margin
 from ..postprocess import PanopticPrediction, post_process_panoptic
 
 
@@ -68,17 +69,21 @@ def predict_batch(
 ) -> tuple[list[PanopticPrediction], torch.Tensor, torch.Tensor]:
     """Panoptic predictions at `target_sizes`, cropping each image's padding off the mask logits first.
 
-    `sizes`: each image's size in `pixel_values` before padding. `kept_only=False` runs the mask head for every
+    `sizes`: each image's size in `pixel_values` before padding. The batch is padded with the model's margin
+    first (`margin.py`). `kept_only=False` runs the mask head for every
     query (the reference the kept path is tested against). Also returns the detector's logits and boxes (for
     box mAP).
     """
+    margin = context_margin(model.config)
+    pixel_values, pixel_mask = add_margin(pixel_values, pixel_mask, margin)
     detector = run_detector(model, pixel_values, pixel_mask)
     masks = kept_mask_logits(model, detector, threshold) if kept_only else run_mask_head(model, detector)
     scale = masks.shape[-2] / pixel_values.shape[-2]
     predictions = []
     for i, ((height, width), target) in enumerate(zip(sizes, target_sizes)):
         rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
+        image_masks = crop_margin(masks[i : i + 1], margin, pixel_values.shape[-2], rows, cols)
         predictions += post_process_panoptic(
-            detector.logits[i : i + 1], masks[i : i + 1, :, :rows, :cols], [target], stuff_label_ids, threshold
+            detector.logits[i : i + 1], image_masks, [target], stuff_label_ids, threshold
         )
     return predictions, detector.logits, detector.pred_boxes

@@ -24,7 +24,7 @@ LAUNCH := HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --cpu --num_processes 1 --nu
 
 # The main job end to end on the embedded demo data: data -> dataset -> stage 1 -> stage 2 -> val PQ.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg demo-data $(DEMO)/data --size 256
+	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg demo-data $(DEMO)/data
 	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg build-dataset --images $(DEMO)/data/images --masks $(DEMO)/data/masks \
 		--labels $(DEMO)/data/labels.yaml --out $(DEMO)/dataset --workers 2 --quiet
 	HF_HUB_OFFLINE=1 $(BIN)/hf-detr-seg validate $(DEMO)/dataset

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data.demo import DEMO_NUM_IMAGES
+from .data.demo import DEMO_NUM_IMAGES, DEMO_SIZE
 from .errors import UserInputError
 
 DEFAULT_DEMO_DIR = Path("outputs/demo-data")
@@ -241,7 +241,7 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo-data", help="write the embedded synthetic concrete-defect data")
     demo.add_argument("out", type=Path, nargs="?", default=DEFAULT_DEMO_DIR)
     _add(demo, "--num-images", type=int, default=DEMO_NUM_IMAGES)
-    _add(demo, "--size", type=int, default=256)
+    _add(demo, "--size", type=int, default=DEMO_SIZE)
     _add(demo, "--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
 

@@ -32,6 +32,8 @@ DEMO_LABELS: dict = {
 # The demo's size: enough varied images for DETR to generalise within the CPU demo's few thousand steps
 # (drawing and building 400 images takes seconds).
 DEMO_NUM_IMAGES = 400
+# Drawn at the size the tiny-cpu recipe feeds the model: the 1-3 px cracks reach it unresampled.
+DEMO_SIZE = 192
 _MIN_AREA = DEMO_LABELS["instances"]["min_area"]
 _PLACEMENT_TRIES = 8
 # Defects keep >= 2 px apart so two instances never touch and merge into one component.
@@ -239,7 +241,7 @@ def _render(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate_demo_data(
-    out_dir: str | Path, num_images: int = DEMO_NUM_IMAGES, size: int = 256, seed: int = 0
+    out_dir: str | Path, num_images: int = DEMO_NUM_IMAGES, size: int = DEMO_SIZE, seed: int = 0
 ) -> Path:
     """Write out_dir/images/<stem>.jpg, out_dir/masks/<stem>.png, out_dir/labels.yaml; return out_dir."""
     if size < 64:

@@ -145,7 +145,7 @@ class PanopticDetrDataset(Dataset):
 
 def to_pixel_values(image: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 -> 3 x H x W float32, scaled to [0, 1] and ImageNet-normalised (as the processor)."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    pixels = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return pixels.sub_(mean).div_(std)

@@ -287,9 +287,9 @@ def test_predict_wiring_summary_failures_and_exit_code(tmp_path: Path, monkeypat
     options = ["--tile_size", "512", "--tile-overlap", "0.25", "--mm-per-pixel", "0.1"]
     assert run_cli("predict", "--model", "m", "a.jpg", "--out", out, *options) == 0
     assert f"Predicted 3 images, 7 segments; results in {out}" in capsys.readouterr().out
-    assert seen == {"model_dir": "m", "inputs": [Path("a.jpg")], "out_dir": out, "threshold": 0.85, "tile_size": 512,
+    assert seen == {"model_dir": "m", "inputs": [Path("a.jpg")], "out_dir": out, "threshold": None, "tile_size": 512,
                     "tile_overlap": 0.25, "mm_per_pixel": 0.1, "skip_existing": False, "progress": True,
-                    "processes": Processes()}  # unset options: the library's defaults; one process
+                    "processes": Processes()}  # unset options: the library's defaults (threshold: the model's); one process
     assert run_cli("predict", "--model", "m", "a.jpg", "bad.jpg", "--out", out, "--batch-size", "2",
                    "--skip_existing", "--quiet") == 1
     captured = capsys.readouterr()

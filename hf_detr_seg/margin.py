@@ -1,4 +1,5 @@
-"""A margin of padding around every image the model predicts on, so no image edge is a feature-map edge.
+"""The model's margin: padding around every image it sees, in training and prediction, so no image edge is a
+feature-map edge.
 
 A convolution pads its input with zeros, so the cells along a feature map's edge see something no cell inside
 the image sees, at every level of the backbone and of the mask head's FPN. On the small inputs of CPU recipes

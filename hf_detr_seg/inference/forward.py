@@ -69,8 +69,8 @@ def predict_batch(
 ) -> tuple[list[PanopticPrediction], torch.Tensor, torch.Tensor]:
     """Panoptic predictions at `target_sizes`, cropping each image's padding off the mask logits first.
 
-    `sizes`: each image's size in `pixel_values` before padding. The batch is padded with the model's margin
-    first (`margin.py`). `kept_only=False` runs the mask head for every
+    `sizes`: each image's size in `pixel_values` before padding. The batch gets the model's margin first
+    (`margin.py`), cropped off the mask logits with the padding. `kept_only=False` runs the mask head for every
     query (the reference the kept path is tested against). Also returns the detector's logits and boxes (for
     box mAP).
     """

@@ -5,7 +5,7 @@ class and box heads) is frozen. Without augmentation every epoch feeds the same 
 compute the same outputs 25 times. The cache runs it once per image and keeps what the mask head and its loss
 read: the Hungarian matching of the image's targets, the decoder output of the matched queries only, the
 encoder output, the projected last backbone level and the three finer backbone levels, each cropped to the
-image's own extent. Later epochs run the mask head alone.
+image's own extent (with the model's margin around it, margin.py). Later epochs run the mask head alone.
 
 Exactness: when the images of a batch share one size (no padding, as with crops such as DeepCrack's or the
 demo's), the mask head reads the tensors the detector computes, so losses and gradients equal the uncached

@@ -47,8 +47,7 @@ def add_margin(
     `pixel_mask` 0 there."""
     if margin == 0:
         return pixel_values, pixel_mask
-    sides = (margin, margin, margin, margin)
-    return F.pad(pixel_values, sides), F.pad(pixel_mask, sides)
+    return F.pad(pixel_values, (margin,) * 4), F.pad(pixel_mask, (margin,) * 4)
 
 
 def add_margin_to_batch(
@@ -59,8 +58,8 @@ def add_margin_to_batch(
     Boxes stay normalised by the image's own size, as DETR's are."""
     if margin == 0:
         return pixel_values, pixel_mask, labels
-    sides = (margin, margin, margin, margin)
-    padded = [{**target, "masks": F.pad(target["masks"], sides)} if "masks" in target else target for target in labels]
+    padded = [{**target, "masks": F.pad(target["masks"], (margin,) * 4)} if "masks" in target else target
+              for target in labels]
     return (*add_margin(pixel_values, pixel_mask, margin), padded)
 
 

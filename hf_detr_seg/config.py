@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .data.transforms import AugmentConfig
 from .errors import UserInputError
 from .losses import MASK_LOSSES, LossWeights
 from .margin import check_margin
@@ -55,6 +56,9 @@ class TrainConfig:
     hub_private: bool = False
     image_size: int = 192
     augment: bool = True
+    # Overrides of the augmentation's probabilities and ranges (`data.transforms.AugmentConfig`), e.g.
+    # {rotate90_prob: 0.5, blur_prob: 0.3, jpeg_prob: 0.3}; on the command line as YAML: '{blur_prob: 0.3}'.
+    augmentation: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 0
     mask_loss: str = "focal+dice"
     # Stage 2: keep the frozen detector's outputs per image after its first batch and run only the mask head
@@ -102,6 +106,7 @@ class TrainConfig:
                 "detector's outputs of the first epoch would be wrong for the next"
             )
         check_margin(self.context_margin, "--context_margin")
+        self.augment_config()  # refuse unknown or out-of-range augmentation settings before any work
         if self.detector_cache_gib <= 0:
             raise UserInputError(f"--detector_cache_gib: expected a positive size, got {self.detector_cache_gib!r}")
         if self.output_dir is None:
@@ -118,12 +123,28 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def augment_config(self) -> AugmentConfig:
+        """The training augmentation: `AugmentConfig`'s defaults with `augmentation`'s overrides."""
+        if not isinstance(self.augmentation, dict):
+            raise UserInputError(f"--augmentation: expected a mapping of settings, got {self.augmentation!r}")
+        known = {f.name: f.type for f in dataclasses.fields(AugmentConfig)}
+        unknown = sorted(set(self.augmentation) - set(known))
+        if unknown:
+            raise UserInputError(f"--augmentation: unknown setting(s) {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.augmentation.items()}
+        try:
+            return AugmentConfig(**values)
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"--augmentation: {err}") from None
+
     def loss_weights(self) -> LossWeights:
         return LossWeights(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossWeights)})
 
 
 def _field_type(f: dataclasses.Field) -> type:
     text = str(f.type)
+    if "dict" in text:
+        return dict
     if "list" in text:
         return int
     if "bool" in text:
@@ -143,6 +164,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_mapping(text: str) -> dict:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping, got {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{blur_prob: 0.3}}', got {text!r}")
+    return value
+
+
 def build_parser(stage: int, description: str) -> argparse.ArgumentParser:
     """Every TrainConfig field as an option (dashes and underscores both accepted), default: unset."""
     parser = argparse.ArgumentParser(description=description)
@@ -154,6 +185,8 @@ def build_parser(stage: int, description: str) -> argparse.ArgumentParser:
         names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         if kind is bool:
             parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=_parse_bool, default=None)
+        elif kind is dict:
+            parser.add_argument(*names, dest=f.name, type=_parse_mapping, default=None)
         elif "list" in str(f.type):
             parser.add_argument(*names, dest=f.name, type=int, nargs="*", default=None)
         else:

@@ -54,7 +54,8 @@ def check_dataset(dataset_dir: Path) -> LabelMap:
 
 def build_train_loader(config: TrainConfig, dataset_dir: Path) -> tuple[PanopticDetrDataset, DataLoader]:
     """The train split (augmented unless `augment: false`) and its shuffled loader."""
-    train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed)
+    train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed,
+                                     augment_config=config.augment_config())
     train_loader = DataLoader(
         train_data,
         batch_size=config.per_device_train_batch_size,

@@ -21,6 +21,7 @@ from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
 from hf_detr_seg.errors import UserInputError
 from hf_detr_seg.modeling import group_of
 from hf_detr_seg.training import TrainingError, run
+from hf_detr_seg.training_setup import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,6 +225,20 @@ def test_recipe_exit_code_and_config_precedence(tmp_path: Path, dataset: Path):
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 2 and "not a valid dataset" in done.stderr
+
+
+def test_augmentation_settings_from_yaml_and_command_line(tmp_path: Path, dataset: Path):
+    config = tmp_path / "c.yaml"
+    config.write_text("augmentation: {blur_prob: 0.3, jpeg_quality: [50, 80]}\n")
+    loaded = load_config(1, ["--config", str(config), "--dataset_dir", str(dataset)])
+    augmentation = build_train_loader(loaded, dataset)[0].augment_config
+    assert (augmentation.blur_prob, augmentation.jpeg_quality, augmentation.rotate90_prob) == (0.3, (50, 80), 0)
+    override = load_config(1, ["--config", str(config), "--augmentation", "{rotate90_prob: 1}"]).augment_config()
+    assert (override.rotate90_prob, override.blur_prob) == (1, 0)  # the command line replaces the whole mapping
+    with pytest.raises(UserInputError, match=r"unknown setting\(s\) \['blur'\]"):
+        load_config(1, ["--augmentation", "{blur: 1}"])
+    with pytest.raises(UserInputError, match="jpeg_prob must be in"):
+        load_config(1, ["--augmentation", "{jpeg_prob: 2}"])
 
 
 @pytest.mark.slow

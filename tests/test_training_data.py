@@ -29,6 +29,7 @@ from hf_detr_seg.data.transforms import (
     longest_edge,
     masks_to_boxes,
     masks_to_id_map,
+    jpeg_round_trip,
     output_size,
     resize_shortest_edge,
 )
@@ -37,6 +38,8 @@ from hf_detr_seg.errors import DataError
 NO_PHOTOMETRY = AugmentConfig(brightness=0.0, contrast=0.0)
 # Crop often, so vanished segments and upscaled crops are exercised.
 CROP_OFTEN = AugmentConfig(crop_prob=0.8, crop_min_fraction=0.6, brightness=0.0, contrast=0.0)
+# Quarter turns on every other image: height and width swap, and masks must turn with the image.
+TURN_OFTEN = AugmentConfig(rotate90_prob=0.5, brightness=0.0, contrast=0.0)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -302,7 +305,8 @@ def _interior(mask: np.ndarray, margin: int = 3) -> np.ndarray:
     return ndimage.binary_erosion(mask, np.ones((2 * margin + 1, 2 * margin + 1), bool), border_value=1)
 
 
-@pytest.mark.parametrize("config", [NO_PHOTOMETRY, CROP_OFTEN], ids=["default-geometry", "crop-often"])
+@pytest.mark.parametrize("config", [NO_PHOTOMETRY, CROP_OFTEN, TURN_OFTEN],
+                         ids=["default-geometry", "crop-often", "turn-often"])
 def test_augmented_image_and_masks_move_together(painted_built: Path, config: AugmentConfig):
     colours = _colour_table(painted_built)
     names = PanopticDetrDataset(painted_built, "train", 8).label_map.names
@@ -366,6 +370,64 @@ def test_flip_only_mirrors_image_and_masks():
     only_v = AugmentConfig(hflip_prob=0, vflip_prob=1, scale_range=(1, 1), crop_prob=0, brightness=0, contrast=0)
     out, out_masks, _ = augment(image, masks, 40, rng, only_v)
     assert np.array_equal(out, image[::-1]) and np.array_equal(out_masks, masks[:, ::-1])
+
+
+def test_quarter_turn_turns_image_and_masks_alike():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    masks = np.zeros((1, 40, 60), bool)
+    masks[0, 0:5, 50:60] = True  # top right
+    only_turn = AugmentConfig(hflip_prob=0, vflip_prob=0, rotate90_prob=1, scale_range=(1, 1), crop_prob=0,
+                              brightness=0, contrast=0)
+    seen = set()
+    for seed in range(8):
+        out, out_masks, _ = augment(image, masks, 40, np.random.default_rng(seed), only_turn)
+        assert out.shape == (60, 40, 3) and out_masks.shape == (1, 60, 40)
+        clockwise = np.array_equal(out, np.rot90(image, -1))
+        assert clockwise or np.array_equal(out, np.rot90(image, 1))
+        # the top-right corner goes to the bottom right (clockwise) or the top left (anticlockwise)
+        expected = np.zeros((60, 40), bool)
+        if clockwise:
+            expected[50:60, 35:40] = True
+        else:
+            expected[0:10, 0:5] = True
+        assert np.array_equal(out_masks[0], expected)
+        seen.add(clockwise)
+    assert seen == {True, False}
+
+
+def test_blur_and_jpeg_change_pixels_only_and_draw_after_the_geometry():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    masks = np.zeros((2, 64, 96), bool)
+    masks[0, 10:30, 5:60], masks[1, 40:64, 70:96] = True, True
+    plain = AugmentConfig()
+    degraded = AugmentConfig(blur_prob=1, jpeg_prob=1, jpeg_quality=(30, 30))
+    for seed in range(5):
+        a_image, a_masks, a_keep = augment(image, masks, 64, np.random.default_rng(seed), plain)
+        b_image, b_masks, b_keep = augment(image, masks, 64, np.random.default_rng(seed), degraded)
+        assert np.array_equal(a_masks, b_masks) and np.array_equal(a_keep, b_keep)
+        assert a_image.shape == b_image.shape and b_image.dtype == np.uint8
+        # blur removes the noise's fine detail: neighbouring pixels get closer
+        a_detail, b_detail = (np.abs(np.diff(x.astype(int), axis=1)).mean() for x in (a_image, b_image))
+        assert b_detail < 0.6 * a_detail
+
+
+def test_jpeg_round_trip_is_close_at_high_quality_and_lossy_at_low():
+    y, x = np.mgrid[0:64, 0:64]
+    image = np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8)  # smooth ramps compress well
+    high = np.abs(jpeg_round_trip(image, 95).astype(int) - image).mean()
+    low = np.abs(jpeg_round_trip(image, 10).astype(int) - image).mean()
+    assert high < 2 and low > 2 * high
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"blur_sigma": [0, 1]}, "blur_sigma"), ({"jpeg_quality": [50, 101]}, "jpeg_quality"),
+    ({"rotate90_prob": 1.5}, "rotate90_prob"),
+])
+def test_augment_config_refuses_out_of_range_settings(settings: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
 
 def test_crop_drops_vanished_segments_and_keep_indexes_them():

@@ -17,10 +17,12 @@ Rules that keep the data honest:
   arithmetic is transformers' `get_size_with_aspect_ratio`, so training sizes equal the ones the saved
   `DetrImageProcessor(size={"shortest_edge": N, "longest_edge": longest_edge(N)})` gives at inference.
 
-The augmentation (`augment`) runs: flips -> optional crop -> resize to a jittered shortest edge -> drop
-vanished segments -> brightness/contrast. The crop comes before the resize so the output obeys the size
-rule whatever the crop was; photometric jitter comes last because it is cheapest on the smaller image and
-touches no geometry.
+The augmentation (`augment`) runs: flips -> optional quarter turn -> optional crop -> resize to a jittered
+shortest edge -> drop vanished segments -> brightness/contrast -> optional blur -> optional JPEG round trip.
+The crop comes before the resize so the output obeys the size rule whatever the crop was; photometric changes
+come last because they are cheapest on the smaller image and touch no geometry. Blur and JPEG act on the image
+at the size the model reads, where a camera's softness and compression show. A step whose probability is 0
+draws no random number, so turning one on leaves the draws of a config without it unchanged.
 """
 
 from __future__ import annotations
@@ -123,6 +125,13 @@ def vflip(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(image[::-1]), np.ascontiguousarray(masks[:, ::-1])
 
 
+def rotate90(image: np.ndarray, masks: np.ndarray, clockwise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A quarter turn of image and masks (height and width swap)."""
+    turns = -1 if clockwise else 1
+    return (np.ascontiguousarray(np.rot90(image, turns, axes=(0, 1))),
+            np.ascontiguousarray(np.rot90(masks, turns, axes=(1, 2))))
+
+
 def crop(
     image: np.ndarray, masks: np.ndarray, top: int, left: int, height: int, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +185,19 @@ def adjust_brightness_contrast(image: np.ndarray, brightness: float, contrast: f
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Blur with a Gaussian of `sigma` pixels (the kernel spans 3 sigma each side), edges reflected."""
+    return cv2.GaussianBlur(image, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """The image after JPEG compression at `quality` (1-100): the blocking and ringing of camera files."""
+    ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
+    return np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1])
+
+
 # ----------------------------------------------------------------------------- the augmentation
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -187,6 +209,10 @@ class AugmentConfig:
     crop_prob / crop_min_fraction: with probability crop_prob, crop a random window whose height and width
         are each at least crop_min_fraction of the image's (before the resize, so the size rule holds).
     brightness / contrast: factors drawn uniformly from [1 - b, 1 + b] and [1 - c, 1 + c] (0 disables).
+    rotate90_prob: probability of a quarter turn, clockwise or anticlockwise alike; with both flips the
+        image can take any of its 8 axis-aligned orientations (defects have no up or left).
+    blur_prob / blur_sigma: probability of a Gaussian blur, sigma drawn uniformly from the range (pixels).
+    jpeg_prob / jpeg_quality: probability of a JPEG round trip, quality drawn uniformly from the range.
     """
 
     hflip_prob: float = 0.5
@@ -196,6 +222,11 @@ class AugmentConfig:
     crop_min_fraction: float = 0.6
     brightness: float = 0.2
     contrast: float = 0.2
+    rotate90_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.4, 1.2)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (40, 90)
 
     def __post_init__(self) -> None:
         low, high = self.scale_range
@@ -203,7 +234,12 @@ class AugmentConfig:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
         if not 0 < self.crop_min_fraction <= 1:
             raise ValueError(f"crop_min_fraction must be in (0, 1], got {self.crop_min_fraction}")
-        for name in ("hflip_prob", "vflip_prob", "crop_prob", "brightness", "contrast"):
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
+            raise ValueError(f"jpeg_quality must satisfy 1 <= low <= high <= 100, got {self.jpeg_quality}")
+        for name in ("hflip_prob", "vflip_prob", "crop_prob", "brightness", "contrast", "rotate90_prob",
+                     "blur_prob", "jpeg_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -235,7 +271,8 @@ def augment(
     rng: np.random.Generator,
     config: AugmentConfig = AugmentConfig(),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random flips, crop, scale jitter and brightness/contrast; returns (image, masks, keep).
+    """Random flips, quarter turn, crop, scale jitter, brightness/contrast, blur and JPEG; returns (image, masks,
+    keep).
 
     `keep` indexes the input masks that survived (non-empty after the crop and the resize), in order,
     so `labels[keep]` are the labels of the returned masks. Random numbers are drawn in a fixed order,
@@ -246,6 +283,8 @@ def augment(
         image, masks = hflip(image, masks)
     if rng.random() < config.vflip_prob:
         image, masks = vflip(image, masks)
+    if config.rotate90_prob and rng.random() < config.rotate90_prob:
+        image, masks = rotate90(image, masks, clockwise=bool(rng.random() < 0.5))
     if rng.random() < config.crop_prob:
         top, left, height, width = random_crop_window(rng, *image.shape[:2], config.crop_min_fraction)
         image, masks = crop(image, masks, top, left, height, width)
@@ -258,6 +297,10 @@ def augment(
     brightness = rng.uniform(1 - config.brightness, 1 + config.brightness)
     contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
     image = adjust_brightness_contrast(image, float(brightness), float(contrast))
+    if config.blur_prob and rng.random() < config.blur_prob:
+        image = gaussian_blur(image, float(rng.uniform(*config.blur_sigma)))
+    if config.jpeg_prob and rng.random() < config.jpeg_prob:
+        image = jpeg_round_trip(image, int(rng.integers(config.jpeg_quality[0], config.jpeg_quality[1] + 1)))
     return image, masks, keep
 
 

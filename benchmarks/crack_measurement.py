@@ -12,6 +12,9 @@ largest overlap first, by the IoU of their masks each widened by `--tolerance` p
 would otherwise leave a 2-px crack without a match); pairs below `--min-iou` stay unmatched. Each crack is
 measured in pixels by `quantify`'s estimator; prints one JSON object: counts, the median mean-width error
 (predicted - true, px; and its median absolute value) and the median length ratio (predicted / true).
+It also gives the pooled pixel precision/recall/F1 of all crack pixels, and the same for the per-image Otsu
+dark-pixel threshold (`baselines.otsu_scores`): run on photos from another source than the model's training
+set (a dataset built from them, `--tile-size` at the model's own scale), it is the generalisation check.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hf_detr_seg.baselines import otsu_scores
 from hf_detr_seg.data import panoptic
 from hf_detr_seg.labels import LabelMap
 from hf_detr_seg.quantify import crack_in_box
@@ -39,27 +43,53 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
     data = panoptic.read_json(panoptic.annotation_json(dataset, split))
     files = {image["id"]: image["file_name"] for image in data["images"]}
     pairs, counts = [], {"true_cracks": 0, "predicted_cracks": 0}
+    pixels = np.zeros(3, np.int64)  # true positive, false positive, false negative crack pixels
     for annotation in data["annotations"]:
         ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
         segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
                     for s in annotation["segments_info"]]
+        predicted_ids, predicted_segments = _predicted(predictions, Path(files[annotation["image_id"]]).stem,
+                                                       label_map, ids.shape)
         truth = crack_masks(ids, segments, label_map)
-        predicted = _predicted_cracks(predictions, Path(files[annotation["image_id"]]).stem, label_map)
+        predicted = crack_masks(predicted_ids, predicted_segments, label_map)
         counts["true_cracks"] += len(truth)
         counts["predicted_cracks"] += len(predicted)
         pairs += [(crack_in_box(*t, ids.shape), crack_in_box(*p, ids.shape))
                   for t, p in match_cracks(truth, predicted, ids.shape, tolerance, min_iou)]
-    return summarise(pairs, counts)
+        pixels += _pixel_counts(_crack_pixels(ids, segments, label_map),
+                                _crack_pixels(predicted_ids, predicted_segments, label_map))
+    return {**summarise(pairs, counts), "pixels": pixel_scores(*pixels)}
 
 
-def _predicted_cracks(folder: Path, stem: str, label_map: LabelMap) -> list[Crack]:
-    """The cracks of one image's `predict` outputs (none when the image has no outputs)."""
+def _predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+    """One image's `predict` outputs: its id map and segments, those of classes the dataset does not have left out
+    (an empty map when the image has no outputs)."""
     document_path = folder / f"{stem}.json"
     if not document_path.is_file():
-        return []
+        return np.zeros(shape, np.uint32), []
     document = json.loads(document_path.read_text())
-    segments = [{"id": s["id"], "label_id": label_map.index_of(s["class"])} for s in document["segments"]]
-    return crack_masks(panoptic.read_panoptic_png(folder / f"{stem}_panoptic.png"), segments, label_map)
+    segments = [{"id": s["id"], "label_id": label_map.label2id[s["class"]]}
+                for s in document["segments"] if s["class"] in label_map.label2id]
+    return panoptic.read_panoptic_png(folder / f"{stem}_panoptic.png"), segments
+
+
+def _crack_pixels(id_map: np.ndarray, segments: list[dict], label_map: LabelMap) -> np.ndarray:
+    """The pixels of every crack-role segment."""
+    cracks = set(label_map.crack_indices)
+    return np.isin(id_map, [s["id"] for s in segments if s["label_id"] in cracks])
+
+
+def _pixel_counts(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    return np.array([np.count_nonzero(truth & predicted), np.count_nonzero(~truth & predicted),
+                     np.count_nonzero(truth & ~predicted)])
+
+
+def pixel_scores(true_positive: int, false_positive: int, false_negative: int) -> dict:
+    """Pooled precision, recall and F1 (0 where undefined), 3 decimals."""
+    precision = true_positive / max(true_positive + false_positive, 1)
+    recall = true_positive / max(true_positive + false_negative, 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3)}
 
 
 def match_cracks(truth: list[Crack], predicted: list[Crack], shape: tuple[int, int], tolerance: int,
@@ -129,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         predictions = args.predictions or _predict_split(args.dataset, args.split, args.model, Path(tmp), args)
         summary = compare_split(args.dataset, predictions, args.split, args.tolerance, args.min_iou)
+    otsu = otsu_scores(args.dataset, args.split)
+    summary["otsu_pixels"] = {name: round(float(otsu[name]), 3) for name in ("precision", "recall", "f1")}
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

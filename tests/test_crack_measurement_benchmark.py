@@ -23,6 +23,8 @@ from hf_detr_seg.data.panoptic import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import crack_measurement  # noqa: E402
 
+from hf_detr_seg.baselines import otsu_scores  # noqa: E402
+
 
 def predictions_from_truth(dataset: Path, out: Path, widen: int = 0, drop_cracks: bool = False) -> Path:
     """A `predict`-like folder whose segments are the val truth's, crack segments widened by `widen` px."""
@@ -52,6 +54,7 @@ def test_predictions_equal_to_the_truth_measure_without_error(dataset: Path, tmp
     summary = crack_measurement.compare_split(dataset, predictions_from_truth(dataset, tmp_path / "same"))
     assert summary["true_cracks"] == summary["predicted_cracks"] == summary["matched"] > 0
     assert summary["median_mean_width_error_px"] == 0 and summary["median_length_ratio"] == 1
+    assert summary["pixels"] == {"precision": 1, "recall": 1, "f1": 1}
 
 
 def test_widened_predictions_measure_wider_and_missing_ones_match_nothing(dataset: Path, tmp_path: Path, capsys):
@@ -61,9 +64,25 @@ def test_widened_predictions_measure_wider_and_missing_ones_match_nothing(datase
     assert summary["median_mean_width_error_px"] == pytest.approx(2, abs=0.7)
     assert 0.85 <= summary["median_length_ratio"] <= 1.15
     assert json.loads(capsys.readouterr().out) == summary == json.loads((tmp_path / "s.json").read_text())
+    assert summary["pixels"]["recall"] == 1 and summary["pixels"]["precision"] < 0.7  # 1-px cracks made 3 px wide
+    otsu = otsu_scores(dataset, "val")
+    assert summary["otsu_pixels"] == {k: round(float(otsu[k]), 3) for k in ("precision", "recall", "f1")}
     no_cracks = predictions_from_truth(dataset, tmp_path / "none", drop_cracks=True)
     empty = crack_measurement.compare_split(dataset, no_cracks)
     assert empty["matched"] == empty["predicted_cracks"] == 0 and empty["median_length_ratio"] is None
+    assert empty["pixels"] == {"precision": 0, "recall": 0, "f1": 0}
+
+
+def test_predicted_classes_the_dataset_lacks_are_left_out(dataset: Path, tmp_path: Path):
+    """A model from another dataset (its background named differently) is compared on the crack class alone."""
+    other = predictions_from_truth(dataset, tmp_path / "other")
+    for document_path in other.glob("*.json"):
+        document = json.loads(document_path.read_text())
+        for segment in document["segments"]:
+            segment["class"] = segment["class"] if segment["class"] == "crack" else "asphalt"
+        document_path.write_text(json.dumps(document))
+    summary = crack_measurement.compare_split(dataset, other)
+    assert summary["pixels"] == {"precision": 1, "recall": 1, "f1": 1} and summary["matched"] == summary["true_cracks"]
 
 
 def test_a_model_is_run_through_predict_first(dataset: Path, tmp_path: Path):

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tile-size", type=int, help="with --model: predict's tile size")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
+    if args.predictions is not None and not args.predictions.is_dir():
+        parser.error(f"--predictions {args.predictions}: no such folder")
     with tempfile.TemporaryDirectory() as tmp:
         predictions = args.predictions or _predict_split(args.dataset, args.split, args.model, Path(tmp), args)
         summary = compare_split(args.dataset, predictions, args.split, args.tolerance, args.min_iou)

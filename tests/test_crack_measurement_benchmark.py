@@ -85,6 +85,12 @@ def test_predicted_classes_the_dataset_lacks_are_left_out(dataset: Path, tmp_pat
     assert summary["pixels"] == {"precision": 1, "recall": 1, "f1": 1} and summary["matched"] == summary["true_cracks"]
 
 
+def test_a_missing_predictions_folder_is_an_error(dataset: Path, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        crack_measurement.main([str(dataset), "--predictions", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "nowhere: no such folder" in capsys.readouterr().err
+
+
 def test_a_model_is_run_through_predict_first(dataset: Path, tmp_path: Path):
     model = save_tiny_model(tmp_path / "model", load_dataset_label_map(dataset), 64)
     summary = crack_measurement.main([str(dataset), "--model", str(model), "--threshold", "0.5"])

@@ -127,8 +127,8 @@ class TrainConfig:
         """The training augmentation: `AugmentConfig`'s defaults with `augmentation`'s overrides."""
         if not isinstance(self.augmentation, dict):
             raise UserInputError(f"--augmentation: expected a mapping of settings, got {self.augmentation!r}")
-        known = {f.name: f.type for f in dataclasses.fields(AugmentConfig)}
-        unknown = sorted(set(self.augmentation) - set(known))
+        known = {f.name for f in dataclasses.fields(AugmentConfig)}
+        unknown = sorted(set(self.augmentation) - known)
         if unknown:
             raise UserInputError(f"--augmentation: unknown setting(s) {unknown}; known: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.augmentation.items()}

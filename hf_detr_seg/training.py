@@ -182,7 +182,7 @@ def _accelerator(config: TrainConfig) -> Accelerator:
 def _init_tracking(accelerator: Accelerator, config: TrainConfig) -> None:
     if config.with_tracking:
         accelerator.init_trackers(f"hf_detr_seg_stage{config.stage}", config={
-            k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in config.to_dict().items()
+            k: (str(v) if isinstance(v, (list, dict, type(None))) else v) for k, v in config.to_dict().items()
         })
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from hf_detr_seg.baselines import otsu_scores
 from hf_detr_seg.data import panoptic
 from hf_detr_seg.labels import LabelMap
+from hf_detr_seg.metrics import SemanticScores
 from hf_detr_seg.quantify import crack_in_box
 from hf_detr_seg.segment_measures import crack_masks
 
@@ -43,7 +44,7 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
     data = panoptic.read_json(panoptic.annotation_json(dataset, split))
     files = {image["id"]: image["file_name"] for image in data["images"]}
     pairs, counts = [], {"true_cracks": 0, "predicted_cracks": 0}
-    pixels = np.zeros(3, np.int64)  # true positive, false positive, false negative crack pixels
+    pixels = SemanticScores(2, [1], class_names=["other", "crack"])  # all crack-role pixels as class 1
     for annotation in data["annotations"]:
         ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
         segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
@@ -56,9 +57,9 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
         counts["predicted_cracks"] += len(predicted)
         pairs += [(crack_in_box(*t, ids.shape), crack_in_box(*p, ids.shape))
                   for t, p in match_cracks(truth, predicted, ids.shape, tolerance, min_iou)]
-        pixels += _pixel_counts(_crack_pixels(ids, segments, label_map),
-                                _crack_pixels(predicted_ids, predicted_segments, label_map))
-    return {**summarise(pairs, counts), "pixels": pixel_scores(*pixels)}
+        pixels.update(_crack_pixels(ids, segments, label_map),
+                      _crack_pixels(predicted_ids, predicted_segments, label_map))
+    return {**summarise(pairs, counts), "pixels": rounded_scores(pixels.compute()["per_class"]["crack"])}
 
 
 def _predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
@@ -68,28 +69,20 @@ def _predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, i
     if not document_path.is_file():
         return np.zeros(shape, np.uint32), []
     document = json.loads(document_path.read_text())
-    segments = [{"id": s["id"], "label_id": label_map.label2id[s["class"]]}
-                for s in document["segments"] if s["class"] in label_map.label2id]
+    known = label_map.label2id
+    segments = [{"id": s["id"], "label_id": known[s["class"]]} for s in document["segments"] if s["class"] in known]
     return panoptic.read_panoptic_png(folder / f"{stem}_panoptic.png"), segments
 
 
 def _crack_pixels(id_map: np.ndarray, segments: list[dict], label_map: LabelMap) -> np.ndarray:
-    """The pixels of every crack-role segment."""
+    """1 on the pixels of every crack-role segment, 0 elsewhere."""
     cracks = set(label_map.crack_indices)
-    return np.isin(id_map, [s["id"] for s in segments if s["label_id"] in cracks])
+    return np.isin(id_map, [s["id"] for s in segments if s["label_id"] in cracks]).astype(np.int64)
 
 
-def _pixel_counts(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    return np.array([np.count_nonzero(truth & predicted), np.count_nonzero(~truth & predicted),
-                     np.count_nonzero(truth & ~predicted)])
-
-
-def pixel_scores(true_positive: int, false_positive: int, false_negative: int) -> dict:
-    """Pooled precision, recall and F1 (0 where undefined), 3 decimals."""
-    precision = true_positive / max(true_positive + false_positive, 1)
-    recall = true_positive / max(true_positive + false_negative, 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3)}
+def rounded_scores(scores: dict) -> dict:
+    """Precision, recall and F1 of a `SemanticScores` class, 3 decimals."""
+    return {name: round(float(scores[name]), 3) for name in ("precision", "recall", "f1")}
 
 
 def match_cracks(truth: list[Crack], predicted: list[Crack], shape: tuple[int, int], tolerance: int,
@@ -161,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         predictions = args.predictions or _predict_split(args.dataset, args.split, args.model, Path(tmp), args)
         summary = compare_split(args.dataset, predictions, args.split, args.tolerance, args.min_iou)
-    otsu = otsu_scores(args.dataset, args.split)
-    summary["otsu_pixels"] = {name: round(float(otsu[name]), 3) for name in ("precision", "recall", "f1")}
+    summary["otsu_pixels"] = rounded_scores(otsu_scores(args.dataset, args.split))
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

@@ -20,6 +20,7 @@ from PIL import Image
 from hf_detr_seg.config import load_config
 from hf_detr_seg.data.builder import build_dataset
 from hf_detr_seg.inference.segmenter import DefectSegmenter
+from hf_detr_seg.modeling import label_map_from_config
 from hf_detr_seg.training import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,14 +51,15 @@ def crack_free_photos(folder: Path) -> list[np.ndarray]:
 def false_crack_fractions(model: Path, photos: list[np.ndarray]) -> tuple[float, float]:
     """The fraction of pixels predicted as crack within `BAND` px of the border, and further inside."""
     segmenter = DefectSegmenter.from_pretrained(model)
-    cracks = {i for i, name in segmenter.model.config.id2label.items() if name == "crack"}
+    cracks = set(label_map_from_config(segmenter.model.config).crack_indices)
     band_hits = band_pixels = inside_hits = inside_pixels = 0
     for photo in photos:
         result = segmenter(photo)
         predicted = np.isin(result.id_map, [s.id for s in result.segments if s.label_id in cracks])
         band = np.ones(predicted.shape, bool)
         band[BAND:-BAND, BAND:-BAND] = False
-        band_hits, band_pixels = band_hits + np.count_nonzero(predicted & band), band_pixels + np.count_nonzero(band)
+        band_hits += np.count_nonzero(predicted & band)
+        band_pixels += np.count_nonzero(band)
         inside_hits += np.count_nonzero(predicted & ~band)
         inside_pixels += np.count_nonzero(~band)
     return band_hits / band_pixels, inside_hits / inside_pixels
@@ -67,8 +69,8 @@ def false_crack_fractions(model: Path, photos: list[np.ndarray]) -> tuple[float,
 def test_the_margin_cuts_false_cracks_along_crack_free_borders(deepcrack_sample: Path, tmp_path: Path):
     dataset = tmp_path / "dataset"
     build_dataset(deepcrack_sample / "train/images", deepcrack_sample / "train/masks",
-                  REPO / "recipes/configs/deepcrack-cpu-labels.yaml", dataset, val_images=deepcrack_sample / "val/images",
-                  val_masks=deepcrack_sample / "val/masks", progress=False)
+                  REPO / "recipes/configs/deepcrack-cpu-labels.yaml", dataset,
+                  val_images=deepcrack_sample / "val/images", val_masks=deepcrack_sample / "val/masks", progress=False)
     photos = crack_free_photos(deepcrack_sample / "val")
     band_with, inside_with = false_crack_fractions(train(dataset, tmp_path / "margin", 16), photos)
     band_without, inside_without = false_crack_fractions(train(dataset, tmp_path / "none", 0), photos)

@@ -54,6 +54,8 @@ def run(config: TrainConfig) -> dict:
     resume_path = resolve_resume(config)
     # ------------------------------------------------------------------------------------------- model and criterion
     model = load_model(config, label_map)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     detector_cache = DetectorCache(int(config.detector_cache_gib * 2**30)) if config.cache_detector_outputs else None
     step_module = build_step(config, model, label_map.num_classes, detector_cache)
     train_data, train_loader = build_train_loader(config, dataset_dir)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import DetrForSegmentation
 
 from .config import TrainConfig
+from .data.batching import SizeGroupedBatchSampler
 from .data.panoptic import load_dataset_label_map, validate_dataset
 from .data.training_data import PanopticDetrDataset, collate_fn
 from .errors import TrainingError, UserInputError
@@ -53,19 +54,24 @@ def check_dataset(dataset_dir: Path) -> LabelMap:
 
 
 def build_train_loader(config: TrainConfig, dataset_dir: Path) -> tuple[PanopticDetrDataset, DataLoader]:
-    """The train split (augmented unless `augment: false`) and its shuffled loader."""
+    """The train split (augmented unless `augment: false`) and its shuffled loader, its batches grouped by
+    image size when `group_by_size` is on."""
     train_data = PanopticDetrDataset(dataset_dir, "train", config.image_size, augment=config.augment, seed=config.seed,
                                      augment_config=config.augment_config())
+    batch_size = config.per_device_train_batch_size
+    drop_last = len(train_data) > batch_size
+    if config.group_by_size:
+        batching = {"batch_sampler": SizeGroupedBatchSampler(train_data, batch_size, drop_last)}
+    else:
+        batching = {"batch_size": batch_size, "shuffle": True, "drop_last": drop_last}
     train_loader = DataLoader(
         train_data,
-        batch_size=config.per_device_train_batch_size,
-        shuffle=True,
         collate_fn=collate_fn,
         num_workers=config.num_workers,
-        drop_last=len(train_data) > config.per_device_train_batch_size,
         # Its own generator: drawing worker seeds must not consume the global RNG (dropout), or a resumed
         # run would see other dropout masks than the uninterrupted one.
         generator=torch.Generator().manual_seed(config.seed),
+        **batching,
     )
     return train_data, train_loader
 

@@ -41,7 +41,16 @@ from .panoptic import (
     read_json,
     read_panoptic_png,
 )
-from .transforms import AugmentConfig, augment, fixed_resize, masks_to_boxes, normalized_cxcywh
+from .transforms import (
+    AugmentConfig,
+    augment,
+    draw_geometry,
+    fixed_resize,
+    longest_edge,
+    masks_to_boxes,
+    normalized_cxcywh,
+    output_size,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,6 +115,15 @@ class PanopticDetrDataset(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         """The generator of sample `index` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
+
+    def output_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of sample `index` in the current epoch, from its record and random draws alone:
+        the image is not read (orientation-grouped batches ask this for every sample of an epoch)."""
+        record = self.records[index]
+        if self.augment:
+            geometry = draw_geometry(self.rng(index), record.height, record.width, self.image_size, self.augment_config)
+            return geometry.size(record.height, record.width, self.image_size)
+        return output_size(record.height, record.width, self.image_size, longest_edge(self.image_size))
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Original image (H x W x 3 uint8), non-crowd masks (N x H x W bool) and their class indices."""

@@ -264,6 +264,63 @@ def random_crop_window(
     return top, left, crop_h, crop_w
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The geometric draws of one augmented sample, kept apart from the pixels so that the output size is
+    known before the image is read (`size`): batches can then be grouped by orientation (batching.py)."""
+
+    hflip: bool
+    vflip: bool
+    turn: int  # np.rot90's k: 0 none, -1 a clockwise quarter turn, 1 an anticlockwise one
+    window: tuple[int, int, int, int] | None  # crop (top, left, height, width) of the turned image, or none
+    shortest: int  # the jittered shortest edge
+
+    def size(self, height: int, width: int, image_size: int) -> tuple[int, int]:
+        """(height, width) of the augmented output of an image of `height` x `width`."""
+        if self.turn:
+            height, width = width, height
+        if self.window is not None:
+            height, width = self.window[2:]
+        return output_size(height, width, self.shortest, longest_edge(image_size))
+
+
+def draw_geometry(
+    rng: np.random.Generator, height: int, width: int, image_size: int, config: AugmentConfig = AugmentConfig()
+) -> Geometry:
+    """Flips, quarter turn, crop window and shortest edge, drawn in `augment`'s order (the first draws)."""
+    hflip = bool(rng.random() < config.hflip_prob)
+    vflip = bool(rng.random() < config.vflip_prob)
+    turn = 0
+    if config.rotate90_prob and rng.random() < config.rotate90_prob:
+        turn = -1 if rng.random() < 0.5 else 1
+        height, width = width, height
+    window = None
+    if rng.random() < config.crop_prob:
+        window = random_crop_window(rng, height, width, config.crop_min_fraction)
+    shortest = int(rng.choice(shortest_edge_choices(image_size, config.scale_range)))
+    return Geometry(hflip, vflip, turn, window, shortest)
+
+
+def apply_geometry(
+    image: np.ndarray, masks: np.ndarray, geometry: Geometry, image_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`geometry` applied to image and masks; returns (image, masks, keep) as `augment`."""
+    keep = np.arange(masks.shape[0])
+    if geometry.hflip:
+        image, masks = hflip(image, masks)
+    if geometry.vflip:
+        image, masks = vflip(image, masks)
+    if geometry.turn:
+        image, masks = rotate90(image, masks, clockwise=geometry.turn < 0)
+    if geometry.window is not None:
+        image, masks = crop(image, masks, *geometry.window)
+        masks, kept = drop_empty(masks)
+        keep = keep[kept]
+    image, masks = resize_shortest_edge(image, masks, geometry.shortest, longest_edge(image_size))
+    masks, kept = drop_empty(masks)
+    return image, masks, keep[kept]
+
+
 def augment(
     image: np.ndarray,
     masks: np.ndarray,
@@ -275,25 +332,11 @@ def augment(
     keep).
 
     `keep` indexes the input masks that survived (non-empty after the crop and the resize), in order,
-    so `labels[keep]` are the labels of the returned masks. Random numbers are drawn in a fixed order,
-    so the result depends only on the inputs, the config and the generator's state.
+    so `labels[keep]` are the labels of the returned masks. Random numbers are drawn in a fixed order, the
+    geometry's first, so the result depends only on the inputs, the config and the generator's state.
     """
-    keep = np.arange(masks.shape[0])
-    if rng.random() < config.hflip_prob:
-        image, masks = hflip(image, masks)
-    if rng.random() < config.vflip_prob:
-        image, masks = vflip(image, masks)
-    if config.rotate90_prob and rng.random() < config.rotate90_prob:
-        image, masks = rotate90(image, masks, clockwise=bool(rng.random() < 0.5))
-    if rng.random() < config.crop_prob:
-        top, left, height, width = random_crop_window(rng, *image.shape[:2], config.crop_min_fraction)
-        image, masks = crop(image, masks, top, left, height, width)
-        masks, kept = drop_empty(masks)
-        keep = keep[kept]
-    shortest = int(rng.choice(shortest_edge_choices(image_size, config.scale_range)))
-    image, masks = resize_shortest_edge(image, masks, shortest, longest_edge(image_size))
-    masks, kept = drop_empty(masks)
-    keep = keep[kept]
+    geometry = draw_geometry(rng, image.shape[0], image.shape[1], image_size, config)
+    image, masks, keep = apply_geometry(image, masks, geometry, image_size)
     brightness = rng.uniform(1 - config.brightness, 1 + config.brightness)
     contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
     image = adjust_brightness_contrast(image, float(brightness), float(contrast))

@@ -527,6 +527,67 @@ def stage2_step_time(tmp: Path, batch_size: int = 4, image_size: int = 192, cach
                summary=lambda o, r: f"ours {o / batch_size:.3f} s/img, reference {r / batch_size:.3f} s/img")
 
 
+# ============================================================================ grouped_channels_last_epoch
+DEEPCRACK_SAMPLE_VAL = HERE.parent.parent / "shared" / "data" / "deepcrack-sample" / "val"
+
+
+def grouped_channels_last_epoch(tmp: Path, batch_size: int = 8) -> Row:
+    """One stage-1 epoch over the 40 DeepCrack sample val crops with quarter turns, at the DeepCrack recipe's
+    model and sizes (128 px, 16 px margin, 10 queries, stride-2 mask levels), on CPU.
+
+    Ours: `group_by_size` batches and channels-last convolutions, as the recipe trains. Reference: a plain
+    shuffle and contiguous weights. Both sides step over the same 40 augmented samples (epoch 0), each with its
+    own copy of the same starting weights; the batches are collated before timing, so only the steps count.
+    """
+    import copy
+
+    import torch
+
+    from hf_detr_seg.config import TrainConfig
+    from hf_detr_seg.data.builder import build_dataset
+    from hf_detr_seg.data.panoptic import load_dataset_label_map
+    from hf_detr_seg.steps import build_step
+    from hf_detr_seg.training_setup import build_train_loader, load_model
+
+    labels = tmp / "labels.yaml"
+    labels.write_text("mask_format: binary\nclasses:\n- {name: crack, isthing: false}\n"
+                      "- {name: surface, isthing: false, background: true}\n")
+    build_dataset(DEEPCRACK_SAMPLE_VAL / "images", DEEPCRACK_SAMPLE_VAL / "masks", labels, tmp / "dataset",
+                  val_fraction=0, progress=False)
+    label_map = load_dataset_label_map(tmp / "dataset")
+    recipe = dict(stage=1, dataset_dir=str(tmp / "dataset"), image_size=128, num_queries=10, context_margin=16,
+                  backbone_out_indices=[0, 1, 2, 3], per_device_train_batch_size=batch_size,
+                  augmentation={"rotate90_prob": 0.5})
+    sides = {}
+    torch.manual_seed(0)
+    start = load_model(TrainConfig(**recipe), label_map)
+    for name, faster in (("ours", True), ("reference", False)):
+        config = TrainConfig(**recipe, group_by_size=faster, channels_last=faster)
+        _, loader = build_train_loader(config, tmp / "dataset")
+        model = copy.deepcopy(start).to(memory_format=torch.channels_last if faster else torch.contiguous_format)
+        step = build_step(config, model, label_map.num_classes, None).train()
+        optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-5)
+        sides[name] = (step, optimizer, list(loader))
+
+    def epoch(name: str) -> list[int]:
+        step, optimizer, batches = sides[name]
+        for batch in batches:
+            _train_step(optimizer, lambda: step(batch["pixel_values"], batch["pixel_mask"], batch["labels"]))
+        return sorted(int(t["image_id"]) for batch in batches for t in batch["labels"])
+
+    def padded_pixels(name: str) -> int:
+        return sum(batch["pixel_mask"].numel() for batch in sides[name][2])
+
+    def check(mine: list[int], theirs: list[int]) -> None:
+        assert mine == theirs, "the two sides stepped over different samples"
+        pixel_ratio = padded_pixels("ours") / padded_pixels("reference")
+        check.note = (f"{len(mine)} DeepCrack crops, quarter turns, batch {batch_size}, 128 px + 16 px margin, "
+                      f"stage 1 on CPU; padded pixels ours/reference {pixel_ratio:.2f}")
+
+    return Row(lambda: epoch("ours"), lambda: epoch("reference"), check, unit="s", repeat=3,
+               note=f"40 DeepCrack crops, batch {batch_size}")
+
+
 ROWS: dict[str, Callable[[Path], Row]] = {
     "postprocess_panoptic": postprocess_panoptic,
     "pq_compute": pq_compute,
@@ -535,4 +596,5 @@ ROWS: dict[str, Callable[[Path], Row]] = {
     "train_throughput": train_throughput,
     "stage2_step_time": stage2_step_time,
     "stage2_step_time_no_cache": lambda tmp: stage2_step_time(tmp, cached=False),
+    "grouped_channels_last_epoch": grouped_channels_last_epoch,
 }

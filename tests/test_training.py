@@ -21,7 +21,8 @@ from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
 from hf_detr_seg.errors import UserInputError
 from hf_detr_seg.modeling import group_of
 from hf_detr_seg.training import TrainingError, run
-from hf_detr_seg.training_setup import build_train_loader
+from hf_detr_seg.steps import build_step
+from hf_detr_seg.training_setup import build_train_loader, check_dataset, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,20 +119,42 @@ def test_saved_folder_loads_with_from_pretrained_and_pipeline(stage1: Path, data
     assert "| crack | thing |" in (stage1 / "README.md").read_text()
 
 
-def test_resume_equals_uninterrupted_run(dataset: Path, tmp_path: Path):
+# The DeepCrack recipe's speed settings: size-grouped batches of turned images, channels-last convolutions.
+FAST = {"group_by_size": True, "channels_last": True, "augmentation": {"rotate90_prob": 0.5}}
+
+
+@pytest.mark.parametrize("speed", [{}, FAST], ids=["plain", "grouped-channels-last"])
+def test_resume_equals_uninterrupted_run(dataset: Path, tmp_path: Path, speed: dict):
     full = tmp_path / "full"
-    run(settings(dataset, full, max_train_steps=6, checkpointing_steps="3", augment=True))
+    run(settings(dataset, full, max_train_steps=6, checkpointing_steps="3", augment=True, **speed))
     assert (full / "checkpoints/step_3/trainer_state.json").is_file()
     resumed = tmp_path / "resumed"
     run(settings(dataset, resumed, max_train_steps=6, augment=True,
-                 resume_from_checkpoint=str(full / "checkpoints/step_3")))
+                 resume_from_checkpoint=str(full / "checkpoints/step_3"), **speed))
     a, b = weights(full), weights(resumed)
     worst = max(float((a[k] - b[k]).abs().max().detach()) for k in a)
     assert worst <= 1e-5, worst
     interrupted = tmp_path / "interrupted"
-    run(settings(dataset, interrupted, max_train_steps=3, augment=True))
+    run(settings(dataset, interrupted, max_train_steps=3, augment=True, **speed))
     c = weights(interrupted)
     assert max(float((a[k] - c[k]).abs().max().detach()) for k in a) > 1e-4, "6 steps must differ from 3"
+
+
+def test_channels_last_computes_the_same_losses(dataset: Path):
+    config = settings(dataset, dataset.parent / "unused", augment=False)
+    label_map = check_dataset(dataset)
+    batch = next(iter(build_train_loader(config, dataset)[1]))
+    losses = {}
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = load_model(config, label_map).to(memory_format=memory_format)
+        # eval(): dropout draws its mask in memory order, so the two layouts would drop different features
+        step = build_step(config, model, label_map.num_classes, None).eval()
+        losses[memory_format] = step(batch["pixel_values"], batch["pixel_mask"], batch["labels"])
+    assert any(not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters() if p.dim() == 4)  # the weights did change their layout
+    for name, value in losses[torch.contiguous_format].items():
+        assert torch.allclose(value, losses[torch.channels_last][name], rtol=1e-5, atol=1e-6), name
 
 
 def _recipe(dataset: Path, out: Path, *extra: str) -> list[str]:

@@ -118,10 +118,11 @@ class PanopticDetrDataset(Dataset):
 
     def output_size(self, index: int) -> tuple[int, int]:
         """(height, width) of sample `index` in the current epoch, from its record and random draws alone:
-        the image is not read (orientation-grouped batches ask this for every sample of an epoch)."""
+        the image is not read (size-grouped batches ask this for every sample of an epoch)."""
         record = self.records[index]
         if self.augment:
-            geometry = draw_geometry(self.rng(index), record.height, record.width, self.image_size, self.augment_config)
+            geometry = draw_geometry(self.rng(index), record.height, record.width, self.image_size,
+                                     self.augment_config)
             return geometry.size(record.height, record.width, self.image_size)
         return output_size(record.height, record.width, self.image_size, longest_edge(self.image_size))
 

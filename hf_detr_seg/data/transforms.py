@@ -267,7 +267,7 @@ def random_crop_window(
 @dataclass(frozen=True)
 class Geometry:
     """The geometric draws of one augmented sample, kept apart from the pixels so that the output size is
-    known before the image is read (`size`): batches can then be grouped by orientation (batching.py)."""
+    known before the image is read (`size`): batches can then be grouped by size (batching.py)."""
 
     hflip: bool
     vflip: bool

@@ -549,9 +549,7 @@ def grouped_channels_last_epoch(tmp: Path, batch_size: int = 8) -> Row:
     from hf_detr_seg.steps import build_step
     from hf_detr_seg.training_setup import build_train_loader, load_model
 
-    labels = tmp / "labels.yaml"
-    labels.write_text("mask_format: binary\nclasses:\n- {name: crack, isthing: false}\n"
-                      "- {name: surface, isthing: false, background: true}\n")
+    labels = HERE.parent / "recipes/configs/deepcrack-cpu-labels.yaml"
     build_dataset(DEEPCRACK_SAMPLE_VAL / "images", DEEPCRACK_SAMPLE_VAL / "masks", labels, tmp / "dataset",
                   val_fraction=0, progress=False)
     label_map = load_dataset_label_map(tmp / "dataset")

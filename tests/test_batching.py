@@ -7,29 +7,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-
 from hf_detr_seg.data.batching import SizeGroupedBatchSampler
 from hf_detr_seg.data.builder import build_dataset
 from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
 from hf_detr_seg.data.transforms import AugmentConfig
 
+LABELS = Path(__file__).resolve().parents[1] / "recipes/configs/deepcrack-cpu-labels.yaml"
 TURNS = AugmentConfig(rotate90_prob=0.5)
 EVERYTHING = AugmentConfig(rotate90_prob=0.5, crop_prob=0.8, blur_prob=0.5, jpeg_prob=0.5)
 
 
 @pytest.fixture(scope="module")
 def crops(deepcrack_sample: Path, tmp_path_factory) -> Path:
-    """The 40 real DeepCrack val crops (all landscape, 544 x 384) as one train split."""
-    tmp = tmp_path_factory.mktemp("crops")
-    labels = tmp / "labels.yaml"
-    labels.write_text(yaml.safe_dump({
-        "mask_format": "binary",
-        "classes": [{"name": "crack", "isthing": False}, {"name": "surface", "isthing": False, "background": True}],
-    }))
-    build_dataset(deepcrack_sample / "val/images", deepcrack_sample / "val/masks", labels, tmp / "ds",
-                  val_fraction=0, progress=False)
-    return tmp / "ds"
+    """The 40 real DeepCrack val crops (all landscape) as one train split, with the DeepCrack recipe's labels."""
+    out = tmp_path_factory.mktemp("crops") / "ds"
+    build_dataset(deepcrack_sample / "val/images", deepcrack_sample / "val/masks", LABELS, out, val_fraction=0,
+                  progress=False)
+    return out
 
 
 def _dataset(root: Path, config: AugmentConfig | None, epoch: int = 0) -> PanopticDetrDataset:

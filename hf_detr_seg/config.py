@@ -19,6 +19,7 @@ from .errors import UserInputError
 from .losses import MASK_LOSSES, LossWeights
 from .margin import check_margin
 from .mask_head_init import DEFAULT_ATTENTION_GAIN
+from .postprocess import DEFAULT_OVERLAP_THRESHOLD
 
 
 @dataclass
@@ -94,6 +95,10 @@ class TrainConfig:
     dropout: float | None = None  # preset override: the transformer's dropout (DETR: 0.1)
     backbone_out_indices: list[int] = field(default_factory=list)  # preset override: the 4 backbone levels
     eval_threshold: float = 0.85
+    # The share of its mask's pixels (probability >= 0.5) a query must win to make a segment, transformers'
+    # `overlap_mask_area_threshold`; saved with the model. Thin classes such as cracks need a lower value than
+    # the default 0.8 (postprocess.model_overlap_threshold).
+    overlap_mask_area_threshold: float = DEFAULT_OVERLAP_THRESHOLD
     # Padding in input pixels around every image the model sees, in training and prediction alike, so no image
     # edge is a feature-map edge (margin.py); a multiple of 16. Saved with the model; stage 2 keeps stage 1's.
     context_margin: int = 0
@@ -112,6 +117,10 @@ class TrainConfig:
                 "detector's outputs of the first epoch would be wrong for the next"
             )
         check_margin(self.context_margin, "--context_margin")
+        if not 0 <= self.overlap_mask_area_threshold < 1:
+            raise UserInputError(
+                f"--overlap_mask_area_threshold: expected a share in [0, 1), got {self.overlap_mask_area_threshold!r}"
+            )
         self.augment_config()  # refuse unknown or out-of-range augmentation settings before any work
         if self.detector_cache_gib <= 0:
             raise UserInputError(f"--detector_cache_gib: expected a positive size, got {self.detector_cache_gib!r}")

@@ -19,7 +19,7 @@ from transformers import DetrForSegmentation, DetrImageProcessor, PreTrainedConf
 
 from .errors import UserInputError
 from .labels import LabelMap
-from .postprocess import model_threshold
+from .postprocess import model_overlap_threshold, model_threshold
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.json"
@@ -74,6 +74,7 @@ def model_card(config: PreTrainedConfig, run_settings: dict[str, Any], metrics: 
     stage = run_settings.get("stage")
     what = "box detection (stage 1; masks not trained yet)" if stage == 1 else "panoptic segmentation"
     threshold = model_threshold(config)
+    overlap = model_overlap_threshold(config)
     return f"""---
 library_name: transformers
 pipeline_tag: image-segmentation
@@ -99,10 +100,12 @@ image size {run_settings.get('image_size')} (shortest edge); see `{RUN_FILE}` fo
 ```python
 from transformers import pipeline
 segmenter = pipeline("image-segmentation", model="path/or/hub-id")
-segments = segmenter("photo.jpg", subtask="panoptic", threshold={threshold})
+segments = segmenter("photo.jpg", subtask="panoptic", threshold={threshold},
+                     overlap_mask_area_threshold={overlap})
 ```
 or `hf-detr-seg predict --model path/or/hub-id photo.jpg --out results/` (tiles, overlays, measurements).
-Queries scoring above {threshold} are kept, the threshold the metrics above were measured at.
+Queries scoring above {threshold} are kept, and make a segment when they win more than {overlap} of their mask's
+pixels: the settings the metrics above were measured at.
 
 ## Limits
 Trained on the data above only; photos of other surfaces, lighting or resolutions need checking before use.

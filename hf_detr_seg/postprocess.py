@@ -53,6 +53,8 @@ from .labels import LabelMap
 
 # DETR's panoptic score threshold: the default of a model that does not carry its own.
 DEFAULT_THRESHOLD = 0.85
+# transformers' default share of its pixels a query must win to make a segment (step 5 above).
+DEFAULT_OVERLAP_THRESHOLD = 0.8
 
 
 def model_threshold(config: Any) -> float:
@@ -60,6 +62,18 @@ def model_threshold(config: Any) -> float:
     `eval_threshold` there), else DETR's 0.85. How confident a DETR's correct detections are depends on how long
     and on what it was trained, so the threshold travels with the model rather than being one constant."""
     return float(getattr(config, "score_threshold", DEFAULT_THRESHOLD))
+
+
+def model_overlap_threshold(config: Any) -> float:
+    """The `overlap_mask_area_threshold` a model was validated at: its config's (training saves it there), else
+    transformers' 0.8.
+
+    The rule drops a query whose mask is mostly won by others, a duplicate of a stronger one. A thin structure
+    fails it without being a duplicate: a crack's probability passes `mask_threshold` in a halo about as wide as
+    the crack, where the surface wins every pixel, so it wins about half of its pixels and the whole segment is
+    dropped. Models of thin classes therefore carry a lower threshold of their own.
+    """
+    return float(getattr(config, "overlap_mask_area_threshold", DEFAULT_OVERLAP_THRESHOLD))
 
 
 @dataclass
@@ -81,7 +95,7 @@ def post_process_panoptic(
     stuff_label_ids: Iterable[int],
     threshold: float = DEFAULT_THRESHOLD,
     mask_threshold: float = 0.5,
-    overlap_mask_area_threshold: float = 0.8,
+    overlap_mask_area_threshold: float = DEFAULT_OVERLAP_THRESHOLD,
 ) -> list[PanopticPrediction]:
     """Panoptic segments from `DetrForSegmentation` outputs (see the module docstring for the exact rules).
 

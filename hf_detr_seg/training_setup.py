@@ -78,9 +78,15 @@ def build_train_loader(config: TrainConfig, dataset_dir: Path) -> tuple[Panoptic
 
 # ------------------------------------------------------------------------------------------- model
 def load_model(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
-    """Stage 1: a preset or checkpoint for the dataset's label map. Stage 2: a stage-1 output folder."""
-    if config.stage == 2:
-        return _stage1_output(config, label_map)
+    """Stage 1: a preset or checkpoint for the dataset's label map. Stage 2: a stage-1 output folder. Either
+    way the model's post-processing keeps segments by the run's `overlap_mask_area_threshold` from now on."""
+    model = _stage1_output(config, label_map) if config.stage == 2 else _new_detector(config, label_map)
+    model.config.overlap_mask_area_threshold = config.overlap_mask_area_threshold
+    return model
+
+
+def _new_detector(config: TrainConfig, label_map: LabelMap) -> DetrForSegmentation:
+    """Stage 1's model: a preset or checkpoint with the run's overrides and margin."""
     overrides: dict = {"num_queries": config.num_queries} if config.num_queries else {}
     if config.backbone_out_indices:
         overrides["out_indices"] = config.backbone_out_indices

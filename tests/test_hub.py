@@ -46,10 +46,12 @@ def test_card_counts_are_integers_and_scores_have_3_decimals(config: DetrConfig)
 def test_card_shows_roles_and_the_threshold_and_links_nowhere(config: DetrConfig):
     config = copy.deepcopy(config)
     config.score_threshold = 0.7
+    config.overlap_mask_area_threshold = 0.4
     card = model_card(config, RUN, FINAL)
     assert "| 0 | Riss | stuff | crack | 1 |" in card and "| 1 | spalling | thing | area | 2 |" in card
     assert "| 2 | surface | stuff | background | 3 |" in card
-    assert 'segmenter("photo.jpg", subtask="panoptic", threshold=0.7)' in card
+    assert 'segmenter("photo.jpg", subtask="panoptic", threshold=0.7,' in card
+    assert "overlap_mask_area_threshold=0.4)" in card
     assert "http" not in card.split("---", 2)[2]
 
 
@@ -61,7 +63,7 @@ def test_saved_card_comes_from_the_model_config(tmp_path: Path):
     folder = save_model_folder(model, build_image_processor(64), tmp_path / "m", labels, RUN, {"final": FINAL})
     assert (folder / CARD_FILE).read_text() == model_card(model.config, RUN, FINAL)
     assert "| 0 | Riss | stuff | crack | 1 |" in (folder / CARD_FILE).read_text()
-    assert "threshold=0.7)" in (folder / CARD_FILE).read_text()
+    assert "threshold=0.7," in (folder / CARD_FILE).read_text()
     assert save_tiny_model(tmp_path / "plain", labels, 64).joinpath(CARD_FILE).is_file()
 
 

@@ -15,7 +15,7 @@ from hf_detr_seg.data.training_data import collate_fn, to_pixel_values
 from hf_detr_seg.inference import DefectSegmenter, predict_batch
 from hf_detr_seg.inference.forward import kept_queries
 from hf_detr_seg.labels import LabelMap
-from hf_detr_seg.postprocess import DEFAULT_THRESHOLD
+from hf_detr_seg.postprocess import DEFAULT_OVERLAP_THRESHOLD, DEFAULT_THRESHOLD
 from hf_detr_seg.testing import crafted_queries
 
 SURFACE = 4
@@ -95,3 +95,22 @@ def test_nothing_kept_runs_no_mask_head(model_dir: Path):
         counter.remove()
     assert maps == [] and result.segments == [] and not result.id_map.any()
     assert result.id_map.shape == (50, 70)
+
+
+def test_segments_are_kept_by_the_models_own_overlap_threshold(model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Post-processing gets the model config's `overlap_mask_area_threshold`, transformers' 0.8 without one."""
+    from hf_detr_seg.inference import forward
+
+    seen = []
+    real = forward.post_process_panoptic
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["overlap_mask_area_threshold"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward, "post_process_panoptic", recording)
+    segmenter = DefectSegmenter.from_pretrained(model_dir, device="cpu")
+    segmenter(photo(64, 64, seed=1))
+    segmenter.model.config.overlap_mask_area_threshold = 0.25
+    segmenter(photo(64, 64, seed=1))
+    assert seen == [DEFAULT_OVERLAP_THRESHOLD, 0.25]

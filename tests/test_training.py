@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DetrForSegmentation
+from transformers import DetrConfig, DetrForSegmentation
 
 from hf_detr_seg.config import TrainConfig, load_config
 from hf_detr_seg.data.builder import build_dataset
@@ -20,6 +20,7 @@ from hf_detr_seg.data.demo import generate_demo_data
 from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn
 from hf_detr_seg.errors import UserInputError
 from hf_detr_seg.modeling import group_of
+from hf_detr_seg.postprocess import DEFAULT_OVERLAP_THRESHOLD, model_overlap_threshold
 from hf_detr_seg.training import TrainingError, run
 from hf_detr_seg.steps import build_step
 from hf_detr_seg.training_setup import build_train_loader, check_dataset, load_model
@@ -67,7 +68,9 @@ def test_stage1_trains_detector_and_leaves_mask_head_untouched(dataset: Path, st
 
 def test_stage2_changes_only_the_mask_head(dataset: Path, stage1: Path, tmp_path: Path):
     out = tmp_path / "stage2"
-    metrics = run(settings(dataset, out, stage=2, model_name_or_path=str(stage1)))
+    metrics = run(settings(dataset, out, stage=2, model_name_or_path=str(stage1), overlap_mask_area_threshold=0.3))
+    assert model_overlap_threshold(DetrConfig.from_pretrained(stage1)) == DEFAULT_OVERLAP_THRESHOLD
+    assert model_overlap_threshold(DetrConfig.from_pretrained(out)) == 0.3  # the stage's own post-processing
     before, after = weights(stage1), weights(out)
     assert before.keys() == after.keys()
     for name in before:
@@ -114,7 +117,7 @@ def test_saved_folder_loads_with_from_pretrained_and_pipeline(stage1: Path, data
         assert (stage1 / name).is_file(), name
     segmenter = pipeline("image-segmentation", model=str(stage1))
     image = Image.open(next((dataset / "images/val").iterdir()))
-    result = segmenter(image, subtask="panoptic", threshold=0.0)
+    result = segmenter(image, subtask="panoptic", threshold=0.0, overlap_mask_area_threshold=0.3)  # as its card
     assert isinstance(result, list)
     assert "| crack | thing |" in (stage1 / "README.md").read_text()
 
@@ -262,6 +265,12 @@ def test_augmentation_settings_from_yaml_and_command_line(tmp_path: Path, datase
         load_config(1, ["--augmentation", "{blur: 1}"])
     with pytest.raises(UserInputError, match="jpeg_prob must be in"):
         load_config(1, ["--augmentation", "{jpeg_prob: 2}"])
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1", "1.5"])
+def test_an_overlap_threshold_outside_0_1_is_refused(share: str):
+    with pytest.raises(UserInputError, match=r"--overlap_mask_area_threshold: expected a share in \[0, 1\)"):
+        load_config(2, ["--overlap_mask_area_threshold", share])
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from transformers import DetrForSegmentation
 
 from ..detr_forward import DetectorOutputs, run_detector, run_mask_head
 from ..margin import add_margin, context_margin, crop_margin
-from ..postprocess import PanopticPrediction, post_process_panoptic
+from ..postprocess import PanopticPrediction, model_overlap_threshold, post_process_panoptic
 
 
 def kept_queries(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,8 @@ def predict_batch(
     """Panoptic predictions at `target_sizes`, cropping each image's padding off the mask logits first.
 
     `sizes`: each image's size in `pixel_values` before padding. The batch gets the model's margin first
-    (`margin.py`), cropped off the mask logits with the padding. `kept_only=False` runs the mask head for every
+    (`margin.py`), cropped off the mask logits with the padding. Segments are kept by the model's own overlap
+    threshold (`postprocess.model_overlap_threshold`). `kept_only=False` runs the mask head for every
     query (the reference the kept path is tested against). Also returns the detector's logits and boxes (for
     box mAP).
     """
@@ -84,6 +85,7 @@ def predict_batch(
         rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
         image_masks = crop_margin(masks[i : i + 1], margin, pixel_values.shape[-2], rows, cols)
         predictions += post_process_panoptic(
-            detector.logits[i : i + 1], image_masks, [target], stuff_label_ids, threshold
+            detector.logits[i : i + 1], image_masks, [target], stuff_label_ids, threshold,
+            overlap_mask_area_threshold=model_overlap_threshold(model.config),
         )
     return predictions, detector.logits, detector.pred_boxes

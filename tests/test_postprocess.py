@@ -24,6 +24,7 @@ from hf_detr_seg.data.panoptic import segment_stats
 from hf_detr_seg.labels import LabelMap
 from hf_detr_seg.modeling import build_model
 from hf_detr_seg.postprocess import (
+    DEFAULT_OVERLAP_THRESHOLD,
     DEFAULT_THRESHOLD,
     PanopticPrediction,
     post_process_panoptic,
@@ -306,6 +307,23 @@ def test_boundaries_are_strict() -> None:
     (theirs,) = reference(logits, masks, [(16, 16)], STUFF, 0.85, overlap=0.5)
     assert_same(prediction, void_zero(theirs["segmentation"]), theirs["segments_info"])
     assert 2 not in [s["label_id"] for s in prediction.segments]
+
+
+def test_a_thin_segment_whose_halo_another_query_wins_needs_a_lower_overlap_threshold() -> None:
+    # A 3-px crack whose mask also claims a 1-px halo on each side (probability 0.73 x score 0.95 >= 0.5) that
+    # the surface wins: it wins 3 of the 5 columns it claims, so transformers' 0.8 drops it and 0.5 keeps it.
+    logits = hand_logits([(1, 0.95), (0, 0.99)])
+    masks = hand_masks([[(0, 16, 6, 9)], [(0, 16, 0, 6), (0, 16, 9, 16)]], (16, 16))
+    masks[0, 0, :, [5, 9]] = 1.0
+    for overlap, kept in ((DEFAULT_OVERLAP_THRESHOLD, False), (0.5, True)):
+        (prediction,) = post_process_panoptic(
+            logits, masks, [(16, 16)], STUFF, threshold=0.85, overlap_mask_area_threshold=overlap
+        )
+        (theirs,) = reference(logits, masks, [(16, 16)], STUFF, 0.85, overlap=overlap)
+        assert_same(prediction, void_zero(theirs["segmentation"]), theirs["segments_info"])
+        crack = [s["id"] for s in prediction.segments if s["label_id"] == 1]
+        assert bool(crack) == kept
+        assert (prediction.id_map[:, 6:9] == (crack[0] if kept else 0)).all()
 
 
 def test_ties_go_to_the_first_query() -> None:

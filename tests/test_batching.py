@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from hf_detr_seg.data.batching import SizeGroupedBatchSampler
 from hf_detr_seg.data.builder import build_dataset
 from hf_detr_seg.data.training_data import PanopticDetrDataset, collate_fn

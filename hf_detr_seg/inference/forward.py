@@ -76,6 +76,7 @@ def predict_batch(
     box mAP).
     """
     margin = context_margin(model.config)
+    overlap = model_overlap_threshold(model.config)
     pixel_values, pixel_mask = add_margin(pixel_values, pixel_mask, margin)
     detector = run_detector(model, pixel_values, pixel_mask)
     masks = kept_mask_logits(model, detector, threshold) if kept_only else run_mask_head(model, detector)
@@ -86,6 +87,6 @@ def predict_batch(
         image_masks = crop_margin(masks[i : i + 1], margin, pixel_values.shape[-2], rows, cols)
         predictions += post_process_panoptic(
             detector.logits[i : i + 1], image_masks, [target], stuff_label_ids, threshold,
-            overlap_mask_area_threshold=model_overlap_threshold(model.config),
+            overlap_mask_area_threshold=overlap,
         )
     return predictions, detector.logits, detector.pred_boxes

@@ -49,7 +49,7 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
         ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
         segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
                     for s in annotation["segments_info"]]
-        predicted_ids, predicted_segments = _predicted(predictions, Path(files[annotation["image_id"]]).stem,
+        predicted_ids, predicted_segments = read_predicted(predictions, Path(files[annotation["image_id"]]).stem,
                                                        label_map, ids.shape)
         truth = crack_masks(ids, segments, label_map)
         predicted = crack_masks(predicted_ids, predicted_segments, label_map)
@@ -57,12 +57,12 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
         counts["predicted_cracks"] += len(predicted)
         pairs += [(crack_in_box(*t, ids.shape), crack_in_box(*p, ids.shape))
                   for t, p in match_cracks(truth, predicted, ids.shape, tolerance, min_iou)]
-        pixels.update(_crack_pixels(ids, segments, label_map),
-                      _crack_pixels(predicted_ids, predicted_segments, label_map))
+        pixels.update(crack_pixels(ids, segments, label_map),
+                      crack_pixels(predicted_ids, predicted_segments, label_map))
     return {**summarise(pairs, counts), "pixels": rounded_scores(pixels.compute()["per_class"]["crack"])}
 
 
-def _predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+def read_predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
     """One image's `predict` outputs: its id map and segments, those of classes the dataset does not have left out
     (an empty map when the image has no outputs)."""
     document_path = folder / f"{stem}.json"
@@ -74,7 +74,7 @@ def _predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, i
     return panoptic.read_panoptic_png(folder / f"{stem}_panoptic.png"), segments
 
 
-def _crack_pixels(id_map: np.ndarray, segments: list[dict], label_map: LabelMap) -> np.ndarray:
+def crack_pixels(id_map: np.ndarray, segments: list[dict], label_map: LabelMap) -> np.ndarray:
     """1 on the pixels of every crack-role segment, 0 elsewhere."""
     cracks = set(label_map.crack_indices)
     return np.isin(id_map, [s["id"] for s in segments if s["label_id"] in cracks]).astype(np.int64)
@@ -126,12 +126,13 @@ def summarise(pairs: list[tuple[dict, dict]], counts: dict) -> dict:
             "median_length_ratio": median(ratios)}
 
 
-def _predict_split(dataset: Path, split: str, model: str, out: Path, args: argparse.Namespace) -> Path:
-    """`predict` on the split's images into `out` (the script's `--model` path)."""
+def predict_folder(model: str, images: Path, out: Path, args: argparse.Namespace) -> Path:
+    """`predict` on a folder of images into `out`, with the script's `--threshold` and `--tile-size` if given
+    (the `--model` path)."""
     from hf_detr_seg.inference import predict_paths
 
     options = {"threshold": args.threshold, "tile_size": args.tile_size}
-    predict_paths(model, [panoptic.image_folder(dataset, split)], out, progress=True,
+    predict_paths(model, [images], out, progress=True,
                   **{name: value for name, value in options.items() if value is not None})
     return out
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.predictions is not None and not args.predictions.is_dir():
         parser.error(f"--predictions {args.predictions}: no such folder")
     with tempfile.TemporaryDirectory() as tmp:
-        predictions = args.predictions or _predict_split(args.dataset, args.split, args.model, Path(tmp), args)
+        predictions = args.predictions or predict_folder(
+            args.model, panoptic.image_folder(args.dataset, args.split), Path(tmp), args)
         summary = compare_split(args.dataset, predictions, args.split, args.tolerance, args.min_iou)
     summary["otsu_pixels"] = rounded_scores(otsu_scores(args.dataset, args.split))
     print(json.dumps(summary))

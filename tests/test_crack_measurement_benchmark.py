@@ -6,48 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from conftest import save_tiny_model
+from conftest import predictions_from_truth, save_tiny_model
 
-from hf_detr_seg.data.panoptic import (
-    annotation_folder,
-    annotation_json,
-    load_dataset_label_map,
-    read_json,
-    read_panoptic_png,
-    write_panoptic_png,
-)
+from hf_detr_seg.data.panoptic import load_dataset_label_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import crack_measurement  # noqa: E402
 
 from hf_detr_seg.baselines import otsu_scores  # noqa: E402
-
-
-def predictions_from_truth(dataset: Path, out: Path, widen: int = 0, drop_cracks: bool = False) -> Path:
-    """A `predict`-like folder whose segments are the val truth's, crack segments widened by `widen` px."""
-    label_map = load_dataset_label_map(dataset)
-    data = read_json(annotation_json(dataset, "val"))
-    files = {image["id"]: image["file_name"] for image in data["images"]}
-    out.mkdir()
-    for annotation in data["annotations"]:
-        ids = read_panoptic_png(annotation_folder(dataset, "val") / annotation["file_name"])
-        segments = []
-        for s in annotation["segments_info"]:
-            info = label_map.classes[label_map.index_of_category(s["category_id"])]
-            if info.measure == "crack" and drop_cracks:
-                ids[ids == s["id"]] = 0
-                continue
-            if info.measure == "crack" and widen:
-                grown = cv2.dilate((ids == s["id"]).astype(np.uint8), np.ones((2 * widen + 1,) * 2, np.uint8))
-                ids[grown > 0] = s["id"]
-            segments.append({"id": s["id"], "class": info.name})
-        stem = Path(files[annotation["image_id"]]).stem
-        write_panoptic_png(out / f"{stem}_panoptic.png", ids.astype(np.uint32))
-        (out / f"{stem}.json").write_text(json.dumps({"segments": segments}))
-    return out
 
 
 def test_predictions_equal_to_the_truth_measure_without_error(dataset: Path, tmp_path: Path):

@@ -21,8 +21,6 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -31,7 +29,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from crack_measurement import crack_pixels, predict_folder, read_predicted
+from crack_measurement import (
+    crack_pixels, parse_split_arguments, predict_folder, read_predicted, report, split_arguments,
+)
 from hf_detr_seg.data import panoptic
 from hf_detr_seg.labels import LabelMap
 
@@ -153,21 +153,12 @@ def crack_free_marks(predictions: Path, shapes: dict[str, tuple[int, int]], labe
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", type=Path, help="a folder built by hf-detr-seg build-dataset")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", type=Path, help="a predict output folder for the split's images")
-    source.add_argument("--model", help="a model folder: predict the split's images first, then crack-free ones")
-    parser.add_argument("--split", default="val")
+    parser = split_arguments(__doc__.splitlines()[0],
+                             "a model folder: predict the split's images first, then their crack-free copies")
     parser.add_argument("--band", type=int, default=8, help="width of the border band in pixels")
     parser.add_argument("--near", type=int, default=3, help="false pixels farther than this from a true crack "
                                                              "count as cracks that are not there")
-    parser.add_argument("--threshold", type=float, help="with --model: predict's query threshold")
-    parser.add_argument("--tile-size", type=int, help="with --model: predict's tile size")
-    parser.add_argument("--json", type=Path, help="also write the summary here")
-    args = parser.parse_args(argv)
-    if args.predictions is not None and not args.predictions.is_dir():
-        parser.error(f"--predictions {args.predictions}: no such folder")
+    args = parse_split_arguments(parser, argv)
     if args.band < 1:
         parser.error(f"--band {args.band}: expected at least 1 pixel")
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,10 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             predict_folder(args.model, tmp / "crack_free", tmp / "crack_free_predictions", args)
             label_map = panoptic.load_dataset_label_map(args.dataset)
             summary["crack_free"] = crack_free_marks(tmp / "crack_free_predictions", shapes, label_map, args.band)
-    print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return report(summary, args)
 
 
 if __name__ == "__main__":

@@ -137,30 +137,48 @@ def predict_folder(model: str, images: Path, out: Path, args: argparse.Namespace
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def split_arguments(description: str, model_help: str) -> argparse.ArgumentParser:
+    """The arguments of the crack benchmarks: a built dataset, a predict output folder for its split or a model
+    to run, predict's options and `--json`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("dataset", type=Path, help="a folder built by hf-detr-seg build-dataset")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, help="a predict output folder for the split's images")
-    source.add_argument("--model", help="a model folder: predict the split's images first")
+    source.add_argument("--model", help=model_help)
     parser.add_argument("--split", default="val")
-    parser.add_argument("--tolerance", type=int, default=2, help="pixels each mask is widened by for matching")
-    parser.add_argument("--min-iou", type=float, default=0.3, help="least IoU (widened masks) of a match")
     parser.add_argument("--threshold", type=float, help="with --model: predict's query threshold")
     parser.add_argument("--tile-size", type=int, help="with --model: predict's tile size")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    return parser
+
+
+def parse_split_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments, a `--predictions` folder that does not exist refused."""
     args = parser.parse_args(argv)
     if args.predictions is not None and not args.predictions.is_dir():
         parser.error(f"--predictions {args.predictions}: no such folder")
+    return args
+
+
+def report(summary: dict, args: argparse.Namespace) -> dict:
+    """Print `summary` as one JSON object, and write it to `--json` if given."""
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = split_arguments(__doc__.splitlines()[0], "a model folder: predict the split's images first")
+    parser.add_argument("--tolerance", type=int, default=2, help="pixels each mask is widened by for matching")
+    parser.add_argument("--min-iou", type=float, default=0.3, help="least IoU (widened masks) of a match")
+    args = parse_split_arguments(parser, argv)
     with tempfile.TemporaryDirectory() as tmp:
         predictions = args.predictions or predict_folder(
             args.model, panoptic.image_folder(args.dataset, args.split), Path(tmp), args)
         summary = compare_split(args.dataset, predictions, args.split, args.tolerance, args.min_iou)
     summary["otsu_pixels"] = rounded_scores(otsu_scores(args.dataset, args.split))
-    print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return report(summary, args)
 
 
 if __name__ == "__main__":

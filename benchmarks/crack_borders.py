@@ -12,9 +12,10 @@ from a `predict` output folder as `crack_measurement.py` reads them.
   more than `--near` px from any true crack per 1,000 pixels, the cracks that are not there at all (as opposed
   to true cracks drawn too wide); and the band's precision had it the inside's share of crack pixels, at its
   own recall and false-positive rate. The images with the most such far false pixels in the band are listed.
-- With `--model`, the split's images with their true cracks painted out (OpenCV's Telea inpainting of the
-  crack masks dilated by 3 px): crack-free surfaces, where every predicted crack pixel is false. It gives the
-  share of each region marked as crack and the number of images with any crack pixel.
+- With `--model`, the split's images with their true cracks painted out (`hf_detr_seg.data.defect_free`,
+  OpenCV's Telea inpainting of the crack masks and a 3-px rim): crack-free surfaces, where every predicted crack
+  pixel is false. It gives the share of each region marked as crack and the number of images with any crack
+  pixel.
 
 Prints one JSON object.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -33,13 +33,13 @@ from crack_measurement import (
     crack_pixels, parse_split_arguments, predict_folder, read_predicted, report, split_arguments,
 )
 from hf_detr_seg.data import panoptic
+from hf_detr_seg.data.defect_free import paint_out
 from hf_detr_seg.labels import LabelMap
 
 REGIONS = ("band", "inside")
 # Per region: true positive, false positive, false negative and true negative crack pixels, and the false
 # positives more than `near` px from any true crack.
 COUNTS = ("tp", "fp", "fn", "tn", "far_fp")
-PAINT_DILATION = 3  # px around a true crack that inpainting replaces too (its dark rim)
 
 
 def border_band(shape: tuple[int, int], band: int) -> np.ndarray:
@@ -117,13 +117,6 @@ def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 4) for name, value in scores.items()}
 
 
-def paint_out_cracks(image: np.ndarray, cracks: np.ndarray) -> np.ndarray:
-    """`image` (H x W x 3 uint8) with the `cracks` pixels and their rim inpainted."""
-    side = 2 * PAINT_DILATION + 1
-    painted = cv2.dilate(cracks.astype(np.uint8), np.ones((side, side), np.uint8))
-    return cv2.inpaint(np.ascontiguousarray(image), painted, 5, cv2.INPAINT_TELEA)
-
-
 def write_crack_free_images(dataset: Path, split: str, out: Path) -> dict[str, tuple[int, int]]:
     """The split's images with their true cracks painted out, as lossless PNGs in `out`; their shapes by stem."""
     label_map = panoptic.load_dataset_label_map(dataset)
@@ -131,7 +124,7 @@ def write_crack_free_images(dataset: Path, split: str, out: Path) -> dict[str, t
     shapes = {}
     for name, cracks in true_cracks(dataset, split, label_map).items():
         image = np.asarray(Image.open(images / name).convert("RGB"))
-        Image.fromarray(paint_out_cracks(image, cracks)).save(out / f"{Path(name).stem}.png")
+        Image.fromarray(paint_out(image, cracks)).save(out / f"{Path(name).stem}.png")
         shapes[Path(name).stem] = cracks.shape
     return shapes
 

@@ -62,7 +62,9 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
     return {**summarise(pairs, counts), "pixels": rounded_scores(pixels.compute()["per_class"]["crack"])}
 
 
-def read_predicted(folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+def read_predicted(
+    folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]
+) -> tuple[np.ndarray, list[dict]]:
     """One image's `predict` outputs: its id map and segments, those of classes the dataset does not have left out
     (an empty map when the image has no outputs)."""
     document_path = folder / f"{stem}.json"

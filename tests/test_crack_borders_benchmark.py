@@ -13,6 +13,7 @@ from conftest import predictions_from_truth, save_tiny_model
 from PIL import Image
 from scipy import ndimage
 
+from hf_detr_seg.data.defect_free import PAINT_DILATION
 from hf_detr_seg.data.panoptic import image_folder, load_dataset_label_map, read_panoptic_png, write_panoptic_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -73,7 +74,7 @@ def test_crack_free_images_have_their_cracks_painted_out(dataset: Path, tmp_path
         # The crack pixels are repainted, nothing beyond their rim (nothing at all without a crack).
         assert np.count_nonzero(changed & cracks) >= 0.9 * np.count_nonzero(cracks)
         distance = ndimage.distance_transform_edt(~cracks) if cracks.any() else np.full(cracks.shape, np.inf)
-        assert not changed[distance > 2 * crack_borders.PAINT_DILATION].any()
+        assert not changed[distance > 2 * PAINT_DILATION].any()
 
 
 def test_a_model_is_run_on_the_split_and_its_crack_free_copies(dataset: Path, tmp_path: Path):

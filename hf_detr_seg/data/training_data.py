@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from ..labels import LabelMap, LabelMapError
 from .masks import read_image
+from .defect_free import defect_free
 from .panoptic import (
     annotation_folder,
     annotation_json,
@@ -69,12 +70,19 @@ class _Record:
     class_indices: tuple[int, ...]  # model class index of each of them
 
 
+# The last seed word of the generator that decides whether a sample is painted defect-free (any constant would do;
+# changing it changes which samples are).
+DEFECT_FREE_STREAM = 7
+
+
 class PanopticDetrDataset(Dataset):
     """One split of a built folder as DETR training samples; see the module docstring for the targets.
 
     Augmentation randomness for sample `index` in epoch `epoch` comes from
     `np.random.default_rng([seed, epoch, index])`: it depends neither on the number of DataLoader workers
-    nor on the order samples are drawn in, so a resumed run sees the same augmented data.
+    nor on the order samples are drawn in, so a resumed run sees the same augmented data. Whether the sample's
+    defects are painted out comes from a stream of its own, `[seed, epoch, index, DEFECT_FREE_STREAM]`, so
+    the geometry drawn first from the main stream (`output_size`) stays the same with or without that option.
     """
 
     def __init__(
@@ -116,6 +124,12 @@ class PanopticDetrDataset(Dataset):
         """The generator of sample `index` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
 
+    def paints_out_defects(self, index: int) -> bool:
+        """Whether sample `index` trains defect-free in the current epoch (`AugmentConfig.defect_free_prob`)."""
+        probability = self.augment_config.defect_free_prob
+        draw = np.random.default_rng([self.seed, self.epoch, index, DEFECT_FREE_STREAM]).random()
+        return probability > 0 and draw < probability
+
     def output_size(self, index: int) -> tuple[int, int]:
         """(height, width) of sample `index` in the current epoch, from its record and random draws alone:
         the image is not read (size-grouped batches ask this for every sample of an epoch)."""
@@ -143,6 +157,8 @@ class PanopticDetrDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         image, masks, classes = self.load(index)
+        if self.augment and self.paints_out_defects(index):
+            image, masks, classes = defect_free(image, masks, classes, self.label_map.background_index)
         if self.augment:
             image, masks, keep = augment(image, masks, self.image_size, self.rng(index), self.augment_config)
         else:

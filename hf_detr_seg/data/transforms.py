@@ -213,6 +213,8 @@ class AugmentConfig:
         image can take any of its 8 axis-aligned orientations (defects have no up or left).
     blur_prob / blur_sigma: probability of a Gaussian blur, sigma drawn uniformly from the range (pixels).
     jpeg_prob / jpeg_quality: probability of a JPEG round trip, quality drawn uniformly from the range.
+    defect_free_prob: probability of painting an image's defects out before the rest, so that it trains as
+        background alone (`defect_free.py`; the dataset applies it, since it needs the classes).
     """
 
     hflip_prob: float = 0.5
@@ -227,6 +229,7 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.4, 1.2)
     jpeg_prob: float = 0.0
     jpeg_quality: tuple[int, int] = (40, 90)
+    defect_free_prob: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.scale_range
@@ -239,7 +242,7 @@ class AugmentConfig:
         if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
             raise ValueError(f"jpeg_quality must satisfy 1 <= low <= high <= 100, got {self.jpeg_quality}")
         for name in ("hflip_prob", "vflip_prob", "crop_prob", "brightness", "contrast", "rotate90_prob",
-                     "blur_prob", "jpeg_prob"):
+                     "blur_prob", "jpeg_prob", "defect_free_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 

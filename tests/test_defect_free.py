@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_detr_seg.data.builder import build_dataset
 from hf_detr_seg.data.defect_free import defect_free, paint_out
-from hf_detr_seg.data.demo import generate_demo_data
 from hf_detr_seg.data.training_data import PanopticDetrDataset
 from hf_detr_seg.data.transforms import AugmentConfig
 
@@ -51,19 +49,11 @@ def test_paint_out_changes_the_mask_and_its_rim_only():
     assert changed.min() >= 30 - 3 and changed.max() <= 31 + 3
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("defect-free")
-    src = generate_demo_data(tmp / "src", num_images=6, size=96, seed=5)
-    build_dataset(src / "images", src / "masks", src / "labels.yaml", tmp / "ds", val_fraction=0, progress=False)
-    return tmp / "ds"
-
-
-def test_a_dataset_trains_defect_free_samples_at_the_same_geometry(built: Path):
-    plain = PanopticDetrDataset(built, "train", 96, augment=True, seed=3)
-    always = PanopticDetrDataset(built, "train", 96, augment=True, seed=3,
+def test_a_dataset_trains_defect_free_samples_at_the_same_geometry(dataset: Path):
+    plain = PanopticDetrDataset(dataset, "train", 96, augment=True, seed=3)
+    always = PanopticDetrDataset(dataset, "train", 96, augment=True, seed=3,
                                  augment_config=AugmentConfig(defect_free_prob=1.0))
-    half = PanopticDetrDataset(built, "train", 96, augment=True, seed=3,
+    half = PanopticDetrDataset(dataset, "train", 96, augment=True, seed=3,
                                augment_config=AugmentConfig(defect_free_prob=0.5))
     background = plain.label_map.background_index
     drawn = [half.paints_out_defects(i) for i in range(len(half))]

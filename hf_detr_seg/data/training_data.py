@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..labels import LabelMap, LabelMapError
-from .masks import read_image
 from .defect_free import defect_free
+from .masks import read_image
 from .panoptic import (
     annotation_folder,
     annotation_json,
@@ -127,8 +127,9 @@ class PanopticDetrDataset(Dataset):
     def paints_out_defects(self, index: int) -> bool:
         """Whether sample `index` trains defect-free in the current epoch (`AugmentConfig.defect_free_prob`)."""
         probability = self.augment_config.defect_free_prob
-        draw = np.random.default_rng([self.seed, self.epoch, index, DEFECT_FREE_STREAM]).random()
-        return probability > 0 and draw < probability
+        if probability == 0:
+            return False
+        return np.random.default_rng([self.seed, self.epoch, index, DEFECT_FREE_STREAM]).random() < probability
 
     def output_size(self, index: int) -> tuple[int, int]:
         """(height, width) of sample `index` in the current epoch, from its record and random draws alone:

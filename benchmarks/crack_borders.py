@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from crack_measurement import (
-    crack_pixels, parse_split_arguments, predict_folder, read_predicted, report, split_arguments,
+    crack_pixels, parse_split_arguments, predict_folder, read_predicted, report, split_arguments, true_segments,
 )
 from hf_detr_seg.data import panoptic
 from hf_detr_seg.data.defect_free import paint_out
@@ -42,24 +42,17 @@ REGIONS = ("band", "inside")
 COUNTS = ("tp", "fp", "fn", "tn", "far_fp")
 
 
-def border_band(shape: tuple[int, int], band: int) -> np.ndarray:
-    """True on the pixels within `band` px of the image border."""
-    mask = np.ones(shape, bool)
-    mask[band:-band, band:-band] = False
-    return mask
+def regions(shape: tuple[int, int], band: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels within `band` px of the image border, and the others (the order of `REGIONS`)."""
+    in_band = np.ones(shape, bool)
+    in_band[band:-band, band:-band] = False
+    return in_band, ~in_band
 
 
 def true_cracks(dataset: Path, split: str, label_map: LabelMap) -> dict[str, np.ndarray]:
     """Each image's true crack pixels (bool), by image file name."""
-    data = panoptic.read_json(panoptic.annotation_json(dataset, split))
-    files = {image["id"]: image["file_name"] for image in data["images"]}
-    cracks = {}
-    for annotation in data["annotations"]:
-        ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
-        segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
-                    for s in annotation["segments_info"]]
-        cracks[files[annotation["image_id"]]] = crack_pixels(ids, segments, label_map).astype(bool)
-    return cracks
+    return {file_name: crack_pixels(ids, segments, label_map).astype(bool)
+            for file_name, ids, segments in true_segments(dataset, split, label_map)}
 
 
 def predicted_cracks(predictions: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> np.ndarray:
@@ -71,7 +64,7 @@ def region_counts(truth: np.ndarray, predicted: np.ndarray, band: int, near: int
     """[region, count] of one image, in the orders of `REGIONS` and `COUNTS`."""
     distance = ndimage.distance_transform_edt(~truth) if truth.any() else np.full(truth.shape, np.inf)
     counts = np.zeros((len(REGIONS), len(COUNTS)), np.int64)
-    for row, region in enumerate((border_band(truth.shape, band), ~border_band(truth.shape, band))):
+    for row, region in enumerate(regions(truth.shape, band)):
         false = predicted & ~truth & region
         counts[row] = [np.count_nonzero(predicted & truth & region), np.count_nonzero(false),
                        np.count_nonzero(~predicted & truth & region), np.count_nonzero(~predicted & ~truth & region),
@@ -138,7 +131,7 @@ def crack_free_marks(predictions: Path, shapes: dict[str, tuple[int, int]], labe
     for stem, shape in shapes.items():
         predicted = predicted_cracks(predictions, stem, label_map, shape)
         images_with_cracks += bool(predicted.any())
-        for row, region in enumerate((border_band(shape, band), ~border_band(shape, band))):
+        for row, region in enumerate(regions(shape, band)):
             marked[row] += [np.count_nonzero(region), np.count_nonzero(predicted & region)]
     return {"images": len(shapes), "images_with_crack_pixels": images_with_cracks,
             **{f"{region}_marked": round(float(marked[row, 1] / max(marked[row, 0], 1)), 5)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -41,16 +42,10 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
                   min_iou: float = 0.3) -> dict:
     """The summary the script prints, for a dataset split and a folder of `predict` outputs (module docstring)."""
     label_map = panoptic.load_dataset_label_map(dataset)
-    data = panoptic.read_json(panoptic.annotation_json(dataset, split))
-    files = {image["id"]: image["file_name"] for image in data["images"]}
     pairs, counts = [], {"true_cracks": 0, "predicted_cracks": 0}
     pixels = SemanticScores(2, [1], class_names=["other", "crack"])  # all crack-role pixels as class 1
-    for annotation in data["annotations"]:
-        ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
-        segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
-                    for s in annotation["segments_info"]]
-        predicted_ids, predicted_segments = read_predicted(predictions, Path(files[annotation["image_id"]]).stem,
-                                                       label_map, ids.shape)
+    for file_name, ids, segments in true_segments(dataset, split, label_map):
+        predicted_ids, predicted_segments = read_predicted(predictions, Path(file_name).stem, label_map, ids.shape)
         truth = crack_masks(ids, segments, label_map)
         predicted = crack_masks(predicted_ids, predicted_segments, label_map)
         counts["true_cracks"] += len(truth)
@@ -60,6 +55,17 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
         pixels.update(crack_pixels(ids, segments, label_map),
                       crack_pixels(predicted_ids, predicted_segments, label_map))
     return {**summarise(pairs, counts), "pixels": rounded_scores(pixels.compute()["per_class"]["crack"])}
+
+
+def true_segments(dataset: Path, split: str, label_map: LabelMap) -> Iterator[tuple[str, np.ndarray, list[dict]]]:
+    """Each image of the split: its file name, its true id map and its segments (`id`, model `label_id`)."""
+    data = panoptic.read_json(panoptic.annotation_json(dataset, split))
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    for annotation in data["annotations"]:
+        ids = panoptic.read_panoptic_png(panoptic.annotation_folder(dataset, split) / annotation["file_name"])
+        segments = [{"id": s["id"], "label_id": label_map.index_of_category(s["category_id"])}
+                    for s in annotation["segments_info"]]
+        yield files[annotation["image_id"]], ids, segments
 
 
 def read_predicted(

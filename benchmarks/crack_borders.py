@@ -55,9 +55,9 @@ def true_cracks(dataset: Path, split: str, label_map: LabelMap) -> dict[str, np.
             for file_name, ids, segments in true_segments(dataset, split, label_map)}
 
 
-def predicted_cracks(predictions: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]) -> np.ndarray:
+def predicted_cracks(predictions: Path, stem: str, label_map: LabelMap) -> np.ndarray:
     """One image's predicted crack pixels (bool) from a `predict` output folder."""
-    return crack_pixels(*read_predicted(predictions, stem, label_map, shape), label_map).astype(bool)
+    return crack_pixels(*read_predicted(predictions, stem, label_map), label_map).astype(bool)
 
 
 def region_counts(truth: np.ndarray, predicted: np.ndarray, band: int, near: int) -> np.ndarray:
@@ -96,7 +96,7 @@ def compare_borders(dataset: Path, predictions: Path, split: str = "val", band: 
     band_far = []
     for name, truth in true_cracks(dataset, split, label_map).items():
         stem = Path(name).stem
-        counts = region_counts(truth, predicted_cracks(predictions, stem, label_map, truth.shape), band, near)
+        counts = region_counts(truth, predicted_cracks(predictions, stem, label_map), band, near)
         totals += counts
         band_far.append((int(counts[0, COUNTS.index("far_fp")]), stem))
     scores = {region: region_scores(totals[row]) for row, region in enumerate(REGIONS)}
@@ -129,7 +129,7 @@ def crack_free_marks(predictions: Path, shapes: dict[str, tuple[int, int]], labe
     marked = np.zeros((len(REGIONS), 2), np.int64)  # per region: pixels, predicted crack pixels
     images_with_cracks = 0
     for stem, shape in shapes.items():
-        predicted = predicted_cracks(predictions, stem, label_map, shape)
+        predicted = predicted_cracks(predictions, stem, label_map)
         images_with_cracks += bool(predicted.any())
         for row, region in enumerate(regions(shape, band)):
             marked[row] += [np.count_nonzero(region), np.count_nonzero(predicted & region)]

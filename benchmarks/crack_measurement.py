@@ -45,7 +45,7 @@ def compare_split(dataset: Path, predictions: Path, split: str = "val", toleranc
     pairs, counts = [], {"true_cracks": 0, "predicted_cracks": 0}
     pixels = SemanticScores(2, [1], class_names=["other", "crack"])  # all crack-role pixels as class 1
     for file_name, ids, segments in true_segments(dataset, split, label_map):
-        predicted_ids, predicted_segments = read_predicted(predictions, Path(file_name).stem, label_map, ids.shape)
+        predicted_ids, predicted_segments = read_predicted(predictions, Path(file_name).stem, label_map)
         truth = crack_masks(ids, segments, label_map)
         predicted = crack_masks(predicted_ids, predicted_segments, label_map)
         counts["true_cracks"] += len(truth)
@@ -68,15 +68,10 @@ def true_segments(dataset: Path, split: str, label_map: LabelMap) -> Iterator[tu
         yield files[annotation["image_id"]], ids, segments
 
 
-def read_predicted(
-    folder: Path, stem: str, label_map: LabelMap, shape: tuple[int, int]
-) -> tuple[np.ndarray, list[dict]]:
-    """One image's `predict` outputs: its id map and segments, those of classes the dataset does not have left out
-    (an empty map when the image has no outputs)."""
-    document_path = folder / f"{stem}.json"
-    if not document_path.is_file():
-        return np.zeros(shape, np.uint32), []
-    document = json.loads(document_path.read_text())
+def read_predicted(folder: Path, stem: str, label_map: LabelMap) -> tuple[np.ndarray, list[dict]]:
+    """One image's `predict` outputs: its id map and segments, those of classes the dataset does not have left
+    out."""
+    document = json.loads((folder / f"{stem}.json").read_text())
     known = label_map.label2id
     segments = [{"id": s["id"], "label_id": known[s["class"]]} for s in document["segments"] if s["class"] in known]
     return panoptic.read_panoptic_png(folder / f"{stem}_panoptic.png"), segments
@@ -161,10 +156,20 @@ def split_arguments(description: str, model_help: str) -> argparse.ArgumentParse
 
 
 def parse_split_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parser`'s arguments, a `--predictions` folder that does not exist refused."""
+    """`parser`'s arguments; a `--predictions` folder that does not exist, or lacks an image of the split, refused
+    (`predict` writes a `<stem>.json` for every image, so a missing one means another folder or an unfinished run,
+    which would otherwise score as an image where nothing was found)."""
     args = parser.parse_args(argv)
-    if args.predictions is not None and not args.predictions.is_dir():
+    if args.predictions is None:
+        return args
+    if not args.predictions.is_dir():
         parser.error(f"--predictions {args.predictions}: no such folder")
+    images = panoptic.read_json(panoptic.annotation_json(args.dataset, args.split))["images"]
+    missing = [Path(image["file_name"]).stem for image in images
+               if not (args.predictions / f"{Path(image['file_name']).stem}.json").is_file()]
+    if missing:
+        parser.error(f"--predictions {args.predictions}: no predict output for {len(missing)} of the {len(images)} "
+                     f"{args.split} images (the first: {missing[0]}.json)")
     return args
 
 

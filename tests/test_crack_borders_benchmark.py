@@ -87,8 +87,9 @@ def test_a_model_is_run_on_the_split_and_its_crack_free_copies(dataset: Path, tm
 
 
 def test_a_missing_predictions_folder_or_bad_band_is_an_error(dataset: Path, tmp_path: Path, capsys):
+    truth = str(predictions_from_truth(dataset, tmp_path / "truth"))
     for argv, message in (([str(dataset), "--predictions", str(tmp_path / "nowhere")], "nowhere: no such folder"),
-                          ([str(dataset), "--predictions", str(tmp_path), "--band", "0"], "--band 0")):
+                          ([str(dataset), "--predictions", truth, "--band", "0"], "--band 0")):
         with pytest.raises(SystemExit) as exit_info:
             crack_borders.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

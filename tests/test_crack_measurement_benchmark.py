@@ -58,6 +58,17 @@ def test_a_missing_predictions_folder_is_an_error(dataset: Path, tmp_path: Path,
     assert exit_info.value.code == 2 and "nowhere: no such folder" in capsys.readouterr().err
 
 
+def test_a_predictions_folder_without_an_image_of_the_split_is_an_error(dataset: Path, tmp_path: Path, capsys):
+    predictions = predictions_from_truth(dataset, tmp_path / "partial")
+    documents = sorted(predictions.glob("*.json"))
+    documents[0].unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        crack_measurement.main([str(dataset), "--predictions", str(predictions)])
+    assert exit_info.value.code == 2
+    assert f"no predict output for 1 of the {len(documents)} val images (the first: {documents[0].name})" in (
+        capsys.readouterr().err)
+
+
 def test_a_model_is_run_through_predict_first(dataset: Path, tmp_path: Path):
     model = save_tiny_model(tmp_path / "model", load_dataset_label_map(dataset), 64)
     summary = crack_measurement.main([str(dataset), "--model", str(model), "--threshold", "0.5"])

@@ -12,6 +12,9 @@ from a `predict` output folder as `crack_measurement.py` reads them.
   more than `--near` px from any true crack per 1,000 pixels, the cracks that are not there at all (as opposed
   to true cracks drawn too wide); and the band's precision had it the inside's share of crack pixels, at its
   own recall and false-positive rate. The images with the most such far false pixels in the band are listed.
+  The band's precision minus the inside's comes with a 95 % interval from a percentile bootstrap over images
+  (`scipy.stats.bootstrap`, the two regions of an image resampled together): a few photos hold most of either
+  region's false pixels, so a gap of a point or two can be one photo's doing.
 - With `--model`, the split's images with their true cracks painted out (`hf_detr_seg.data.defect_free`,
   OpenCV's Telea inpainting of the crack masks and a 3-px rim): crack-free surfaces, where every predicted crack
   pixel is false. It gives the share of each region marked as crack and the number of images with any crack
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from crack_measurement import (
     crack_pixels, parse_split_arguments, predict_folder, read_predicted, report, split_arguments, true_segments,
@@ -40,6 +43,7 @@ REGIONS = ("band", "inside")
 # Per region: true positive, false positive, false negative and true negative crack pixels, and the false
 # positives more than `near` px from any true crack.
 COUNTS = ("tp", "fp", "fn", "tn", "far_fp")
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def regions(shape: tuple[int, int], band: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,21 +92,39 @@ def precision_at_share(scores: dict[str, float], share: float) -> float:
     return found / max(found + false, 1e-12)
 
 
+def precision_difference(band_tp: np.ndarray, band_fp: np.ndarray, inside_tp: np.ndarray, inside_fp: np.ndarray,
+                         axis: int = -1) -> np.ndarray:
+    """The band's pooled precision minus the inside's, from per-image counts (summed along `axis`)."""
+    band_tp, band_fp, inside_tp, inside_fp = (counts.sum(axis) for counts in (band_tp, band_fp, inside_tp, inside_fp))
+    return band_tp / np.maximum(band_tp + band_fp, 1) - inside_tp / np.maximum(inside_tp + inside_fp, 1)
+
+
+def precision_difference_interval(per_image: np.ndarray) -> dict:
+    """The band-minus-inside precision of [image, region, count] counts, and its 95 % bootstrap interval."""
+    tp, fp = COUNTS.index("tp"), COUNTS.index("fp")
+    samples = (per_image[:, 0, tp], per_image[:, 0, fp], per_image[:, 1, tp], per_image[:, 1, fp])
+    interval = stats.bootstrap(samples, precision_difference, paired=True, vectorized=True, method="percentile",
+                               n_resamples=BOOTSTRAP_RESAMPLES, random_state=0).confidence_interval
+    return {"difference": round(float(precision_difference(*samples)), 4),
+            "ci95": [round(float(interval.low), 4), round(float(interval.high), 4)]}
+
+
 def compare_borders(dataset: Path, predictions: Path, split: str = "val", band: int = 8, near: int = 3,
                     worst: int = 5) -> dict:
     """The split-as-it-is part of the summary (module docstring)."""
     label_map = panoptic.load_dataset_label_map(dataset)
-    totals = np.zeros((len(REGIONS), len(COUNTS)), np.int64)
-    band_far = []
+    stems, per_image = [], []
     for name, truth in true_cracks(dataset, split, label_map).items():
-        stem = Path(name).stem
-        counts = region_counts(truth, predicted_cracks(predictions, stem, label_map), band, near)
-        totals += counts
-        band_far.append((int(counts[0, COUNTS.index("far_fp")]), stem))
+        stems.append(Path(name).stem)
+        per_image.append(region_counts(truth, predicted_cracks(predictions, stems[-1], label_map), band, near))
+    per_image = np.stack(per_image)
+    totals = per_image.sum(0)
     scores = {region: region_scores(totals[row]) for row, region in enumerate(REGIONS)}
+    band_far = [(int(n), stem) for n, stem in zip(per_image[:, 0, COUNTS.index("far_fp")], stems)]
     return {**{region: _rounded(s) for region, s in scores.items()},
             "band_precision_at_inside_crack_share": round(
                 precision_at_share(scores["band"], scores["inside"]["crack_share"]), 4),
+            "band_minus_inside_precision": precision_difference_interval(per_image),
             "most_far_false_in_band": [[stem, n] for n, stem in sorted(band_far, reverse=True)[:worst] if n]}
 
 

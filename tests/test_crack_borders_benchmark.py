@@ -41,6 +41,7 @@ def test_the_truth_scores_alike_in_band_and_inside(dataset: Path, tmp_path: Path
         assert (scores["precision"], scores["recall"], scores["false_positive_rate"]) == (1, 1, 0)
         assert scores["far_false_per_1000"] == 0 and 0 < scores["crack_share"] < 1
     assert summary["most_far_false_in_band"] == []
+    assert summary["band_minus_inside_precision"] == {"difference": 0, "ci95": [0, 0]}
 
 
 def test_a_false_band_along_the_border_is_found_there_only(dataset: Path, tmp_path: Path, capsys):
@@ -52,9 +53,23 @@ def test_a_false_band_along_the_border_is_found_there_only(dataset: Path, tmp_pa
     assert split["band"]["far_false_per_1000"] == pytest.approx(1000 * 4 * 96 / (96 * 96 - 80 * 80), abs=0.01)
     assert split["band_precision_at_inside_crack_share"] < 1
     assert len(split["most_far_false_in_band"]) == 2  # both val images
+    gap = split["band_minus_inside_precision"]  # no true crack in the band: all of its cracks are false
+    assert gap["difference"] == gap["ci95"][0] == -1
     assert json.loads(capsys.readouterr().out) == summary == json.loads((tmp_path / "s.json").read_text())
     narrow = crack_borders.main([str(dataset), "--predictions", str(banded), "--band", "2"])["split"]
     assert narrow["inside"]["false_positive_rate"] > 0  # rows 2 and 3 now lie inside
+
+
+def test_the_precision_gap_interval_is_wide_when_one_image_holds_the_false_pixels():
+    # [image, region, count]: 20 images alike in both regions, then one whose band holds 40 false pixels.
+    per_image = np.zeros((21, 2, len(crack_borders.COUNTS)), np.int64)
+    per_image[:, :, crack_borders.COUNTS.index("tp")] = 10
+    per_image[:, :, crack_borders.COUNTS.index("fp")] = 2
+    per_image[-1, 0, crack_borders.COUNTS.index("fp")] = 42
+    gap = crack_borders.precision_difference_interval(per_image)
+    assert gap["difference"] == pytest.approx(210 / 292 - 210 / 252, abs=1e-4)
+    low, high = gap["ci95"]
+    assert low < gap["difference"] < high == 0  # resamples without the image show no gap at all
 
 
 def test_precision_at_another_crack_share():

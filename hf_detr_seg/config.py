@@ -84,6 +84,7 @@ class TrainConfig:
     eos_coef: float = LossWeights.eos_coef
     focal_alpha: float = LossWeights.focal_alpha
     focal_gamma: float = LossWeights.focal_gamma
+    skeleton_weight: float = LossWeights.skeleton_weight
     # Stage 1: weight of the encoder-output class-presence loss that keeps queries from collapsing when the
     # backbone starts from random weights (memory_supervision.py); 0 turns it off.
     encoder_presence_weight: float = 1.0

@@ -25,7 +25,8 @@ Terms, as in DETR (facebookresearch/detr `models/detr.py` SetCriterion, `models/
 - "labels": cross-entropy over all queries, unmatched queries get the no-object class (index `num_classes`)
   whose weight is `eos_coef`; weighted mean over queries (not divided by num_boxes).
 - "boxes": L1 and 1 - GIoU over matched pairs, each summed and divided by num_boxes.
-- "masks": sigmoid focal (`loss_mask`) and/or dice (`loss_dice`) over matched pairs, divided by num_boxes.
+- "masks": sigmoid focal (`loss_mask`) and/or dice (`loss_dice`) over matched pairs, divided by num_boxes; and
+  optionally skeleton recall (`loss_skeleton`, not in DETR, `skeleton_recall_per_mask`) for thin structures.
 - "cardinality": `cardinality_error`, logging only (no gradient, weight 0), as DETR.
 `auxiliary_outputs` (one dict per earlier decoder layer) get "labels"/"boxes"/"cardinality" with their own
 matching, suffixed `_0`, `_1`, ...; never masks (DETR computes no intermediate masks).
@@ -37,15 +38,18 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from skimage.morphology import skeletonize
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_for_object_detection import HungarianMatcher, generalized_box_iou
 
 LOSS_TERMS = ("labels", "boxes", "masks", "cardinality")
-MASK_LOSSES = ("focal", "dice", "focal+dice")
+MASK_LOSSES = ("focal", "dice", "focal+dice", "focal+dice+skeleton")
 # Canvas pixels of matched masks computed at once (16 MiB per float32 intermediate): larger batches are split
 # into chunks of masks under activation checkpointing. 800 x 1066 DETR canvases: 4 masks a chunk.
 MASK_CHUNK_PIXELS = 1 << 22
@@ -70,6 +74,7 @@ class LossWeights:
     eos_coef: float = 0.1
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    skeleton_weight: float = 1.0
 
     def term_weights(self) -> dict[str, float]:
         """Weight of each returned term by its base name (aux terms `<name>_<i>` use the same weight)."""
@@ -79,6 +84,7 @@ class LossWeights:
             "loss_giou": self.giou_weight,
             "loss_mask": self.mask_weight,
             "loss_dice": self.dice_weight,
+            "loss_skeleton": self.skeleton_weight,
             "cardinality_error": 0.0,
         }
 
@@ -112,6 +118,30 @@ def dice_per_mask(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tenso
     numerator = 2 * (probs * targets).sum(1)
     denominator = probs.sum(1) + targets.sum(1)
     return 1 - (numerator + smooth) / (denominator + smooth)
+
+
+def skeleton_targets(targets: Tensor) -> Tensor:
+    """The skeleton of each binary target mask [N, H, W], thickened by one pixel each side (a 3 x 3 dilation):
+    the pixels `skeleton_recall_per_mask` asks the prediction to cover. Computed on the CPU without gradient
+    (skimage's thinning), as the targets are fixed."""
+    masks = targets.detach().cpu().numpy() > 0.5
+    tubes = [ndimage.binary_dilation(skeletonize(mask), structure=np.ones((3, 3), bool)) for mask in masks]
+    return torch.from_numpy(np.stack(tubes) if tubes else masks).to(targets.device, targets.dtype)
+
+
+def skeleton_recall_per_mask(logits: Tensor, skeletons: Tensor, smooth: float = 1.0) -> Tensor:
+    """Skeleton recall (Kirchhoff et al., ECCV 2024): 1 - the predicted probability's share of the target's
+    thickened skeleton, per mask: [N].
+
+    Dice and focal loss count pixels, so a one-pixel gap that breaks a crack in two costs next to nothing, while
+    the report then measures two shorter cracks. Recall on the skeleton weighs every pixel along a thin
+    structure's length alike, whatever its width, so gaps cost as much as their length.
+
+    logits, skeletons: [N, ...] mask logits and `skeleton_targets`.
+    """
+    probs = logits.sigmoid().flatten(1)
+    skeletons = skeletons.flatten(1)
+    return 1 - ((probs * skeletons).sum(1) + smooth) / (skeletons.sum(1) + smooth)
 
 
 def _num_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device | str) -> Tensor:
@@ -198,7 +228,7 @@ class DetrCriterion(nn.Module):
         num_classes: K, the number of real classes; `logits` carry K + 1 columns, the last being no-object.
         weights: term weights, `eos_coef` and the focal parameters.
         losses: terms to compute, a subset of `LOSS_TERMS`.
-        mask_loss: "focal", "dice" or "focal+dice" (DETR uses both).
+        mask_loss: "focal", "dice", "focal+dice" (DETR uses both) or "focal+dice+skeleton" (`skeleton_recall_per_mask`).
         matcher_costs: (class, bbox, giou) costs of the Hungarian matcher (DETR: 1, 5, 2).
         mask_chunk_pixels: how many canvas pixels of matched masks the mask terms hold at once; a batch with
             more is computed a chunk of masks at a time with activation checkpointing (same values, a
@@ -292,6 +322,9 @@ class DetrCriterion(nn.Module):
             terms["loss_mask"] = focal_per_mask(logits, target, self.weights.focal_alpha, self.weights.focal_gamma)
         if "dice" in self.mask_loss:
             terms["loss_dice"] = dice_per_mask(logits, target)
+        if "skeleton" in self.mask_loss:
+            skeletons = skeleton_targets(target.view(-1, *canvas))
+            terms["loss_skeleton"] = skeleton_recall_per_mask(logits, skeletons)
         return terms
 
     def _mask_chunks(

@@ -22,6 +22,8 @@ from hf_detr_seg.losses import (
     dice_per_mask,
     focal_per_mask,
     matched_query_index,
+    skeleton_recall_per_mask,
+    skeleton_targets,
 )
 
 K, Q, H, W = 3, 6, 32, 40  # classes, queries, padded target size; predicted masks at 1/4: 8 x 10
@@ -131,8 +133,9 @@ def test_per_mask_focal_and_dice_sum_to_transformers_on_binary_targets() -> None
 
 # ------------------------------------------------------------------------------------------- weights, terms
 def test_total_is_weighted_sum_with_float_weights_and_aux_terms() -> None:
-    weights = LossWeights(class_weight=0.5, bbox_weight=2.5, giou_weight=1.5, mask_weight=0.3, dice_weight=0.7)
-    criterion = DetrCriterion(K, weights, losses=ALL_TERMS)
+    weights = LossWeights(class_weight=0.5, bbox_weight=2.5, giou_weight=1.5, mask_weight=0.3, dice_weight=0.7,
+                          skeleton_weight=0.4)
+    criterion = DetrCriterion(K, weights, losses=ALL_TERMS, mask_loss="focal+dice+skeleton")
     outputs, targets = _batch()
     out = criterion(outputs, targets)
     base = weights.term_weights()
@@ -163,6 +166,37 @@ def test_mask_loss_selection(mask_loss: str, keys: set[str]) -> None:
     (key,) = keys
     assert one[key].item() == pytest.approx(both[key].item(), abs=1e-7)
     assert one["loss"].item() == pytest.approx(weights.term_weights()[key] * both[key].item(), rel=1e-6)
+
+
+def test_skeleton_recall_counts_gaps_and_not_width() -> None:
+    """A 4-px crack 50 px long: a 4-px gap costs skeleton recall about 4/50, drawing it 2 px wider each side
+    costs nothing; dice, which counts pixels, has it the other way round."""
+    target = torch.zeros(1, 40, 60)
+    target[0, 18:22, 5:55] = 1
+    exact = target * 20 - 10
+    gap, wide = exact.clone(), exact.clone()
+    gap[0, :, 28:32] = -10
+    wide[0, 16:24, 5:55] = 10
+    skeletons = skeleton_targets(target)
+    assert skeletons.sum() > 0 and bool((skeletons <= target).all())  # the thickened skeleton lies inside
+    recall = {name: skeleton_recall_per_mask(logits, skeletons).item()
+              for name, logits in (("exact", exact), ("gap", gap), ("wide", wide))}
+    assert recall["exact"] == pytest.approx(0, abs=1e-3) and recall["wide"] == pytest.approx(0, abs=1e-3)
+    assert 0.05 < recall["gap"] < 0.12
+    assert dice_per_mask(gap, target).item() < dice_per_mask(wide, target).item()
+
+
+def test_skeleton_term_joins_focal_and_dice_unchanged() -> None:
+    outputs, targets = _batch()
+    plain = DetrCriterion(K, losses=("masks",))(outputs, targets)
+    weights = LossWeights(skeleton_weight=2.0)
+    with_skeleton = DetrCriterion(K, weights, losses=("masks",), mask_loss="focal+dice+skeleton")(outputs, targets)
+    assert set(with_skeleton) == {"loss_mask", "loss_dice", "loss_skeleton", "loss"}
+    for term in ("loss_mask", "loss_dice"):
+        assert with_skeleton[term].item() == pytest.approx(plain[term].item(), rel=1e-6)
+    assert 0 < with_skeleton["loss_skeleton"].item()
+    expected = plain["loss"].item() + 2.0 * with_skeleton["loss_skeleton"].item()
+    assert with_skeleton["loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_invalid_options_are_named() -> None:
@@ -310,8 +344,9 @@ def test_chunked_mask_terms_equal_one_piece(rows_per_chunk: int) -> None:
     """Chunks of 1, 2 or 4 masks (crossing image borders, an empty image, unequal sizes) give the same terms and
     the same gradient as computing every matched mask at once."""
     outputs, targets = _batch((3, 0, 4), sizes=[(H, W), (H, W), (H - 5, W - 9)], grad=True)
-    whole = DetrCriterion(K, losses=("masks",))
-    chunked = DetrCriterion(K, losses=("masks",), mask_chunk_pixels=rows_per_chunk * H * W)
+    whole = DetrCriterion(K, losses=("masks",), mask_loss="focal+dice+skeleton")
+    chunked = DetrCriterion(K, losses=("masks",), mask_loss="focal+dice+skeleton",
+                            mask_chunk_pixels=rows_per_chunk * H * W)
     indices = whole.match(outputs["logits"], outputs["pred_boxes"], targets)
     assert len(chunked._mask_chunks(targets, indices, (H, W))) == math.ceil(7 / rows_per_chunk)
     assert len(whole._mask_chunks(targets, indices, (H, W))) == 1
@@ -321,7 +356,7 @@ def test_chunked_mask_terms_equal_one_piece(rows_per_chunk: int) -> None:
         losses = criterion(outputs, targets, indices)
         (grad,) = torch.autograd.grad(losses["loss"], outputs["pred_masks"])
         results[name] = (losses, grad)
-    for term in ("loss_mask", "loss_dice", "loss"):
+    for term in ("loss_mask", "loss_dice", "loss_skeleton", "loss"):
         assert results["chunked"][0][term].item() == pytest.approx(results["whole"][0][term].item(), rel=1e-6), term
     torch.testing.assert_close(results["chunked"][1], results["whole"][1], rtol=1e-5, atol=1e-8)
     assert results["whole"][1].abs().sum() > 0

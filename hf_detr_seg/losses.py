@@ -62,7 +62,8 @@ class LossWeights:
     """Weights of the loss terms in the total `loss` (floats: `DetrConfig` types its coefficients `int`).
 
     Defaults are DETR's. `eos_coef` is the cross-entropy weight of the no-object class; `focal_alpha` and
-    `focal_gamma` parametrise the sigmoid focal mask loss (RetinaNet's alpha, gamma). Frozen, so the default
+    `focal_gamma` parametrise the sigmoid focal mask loss (RetinaNet's alpha, gamma). `skeleton_weight` weighs
+    the optional skeleton-recall term, which DETR does not have (1, as its paper). Frozen, so the default
     instance can be shared safely; derive variants with `dataclasses.replace`.
     """
 
@@ -400,8 +401,8 @@ class DetrCriterion(nn.Module):
                 layers are always matched on their own outputs.
 
         Returns:
-            `loss_ce`, `loss_bbox`, `loss_giou`, `loss_mask`, `loss_dice`, `cardinality_error` (those selected),
-            the auxiliary ones suffixed `_0`, `_1`, ..., and `loss`, the weighted sum.
+            `loss_ce`, `loss_bbox`, `loss_giou`, `loss_mask`, `loss_dice`, `loss_skeleton`, `cardinality_error`
+            (those selected), the auxiliary ones suffixed `_0`, `_1`, ..., and `loss`, the weighted sum.
         """
         if indices is None:
             indices = self.match(outputs["logits"], outputs["pred_boxes"], targets)

@@ -165,10 +165,10 @@ def parse_split_arguments(parser: argparse.ArgumentParser, argv: list[str] | Non
     if not args.predictions.is_dir():
         parser.error(f"--predictions {args.predictions}: no such folder")
     images = panoptic.read_json(panoptic.annotation_json(args.dataset, args.split))["images"]
-    missing = [Path(image["file_name"]).stem for image in images
-               if not (args.predictions / f"{Path(image['file_name']).stem}.json").is_file()]
+    stems = [Path(image["file_name"]).stem for image in images]
+    missing = [stem for stem in stems if not (args.predictions / f"{stem}.json").is_file()]
     if missing:
-        parser.error(f"--predictions {args.predictions}: no predict output for {len(missing)} of the {len(images)} "
+        parser.error(f"--predictions {args.predictions}: no predict output for {len(missing)} of the {len(stems)} "
                      f"{args.split} images (the first: {missing[0]}.json)")
     return args
 
